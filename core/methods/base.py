@@ -1,0 +1,496 @@
+"""The adapter contract shared by every PETL method.
+
+Read in this order: the model's shape (``Arch``), what to adapt (``Targets``), the option dataclass every method
+config derives from (``MethodConfig``), the module types (``AdapterModule``, ``Wrapper``, ``LinearWrapper``,
+``ScaleShift``), and the two structural functions that decide what trains and how a model is merged.
+
+Conventions: weights are in PyTorch layout (out x in, ``y = x @ W.T + b``). timm fuses q, k and v in one
+``attn.qkv`` linear whose output rows are ``q | k | v``; a method that adapts only some of those slices builds a
+block-structured update of the whole fused weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MATRICES: tuple[str, ...] = ("q", "k", "v", "proj", "fc1", "fc2")
+GROUPS: dict[str, tuple[str, ...]] = {
+    "all": MATRICES,
+    "attn": ("q", "k", "v", "proj"),
+    "qkv": ("q", "k", "v"),
+    "mlp": ("fc1", "fc2"),
+}
+QKV_SLICES: tuple[str, ...] = ("q", "k", "v")
+# Which child linear of a block holds each matrix.
+MATRIX_LINEAR: dict[str, str] = {
+    "q": "attn.qkv",
+    "k": "attn.qkv",
+    "v": "attn.qkv",
+    "proj": "attn.proj",
+    "fc1": "mlp.fc1",
+    "fc2": "mlp.fc2",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model's shape
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Arch:
+    """The sizes of a timm ViT that the methods need, read from the model (never assumed)."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_hidden: int
+    num_classes: int
+    patch_size: int
+    num_prefix_tokens: int
+
+    @property
+    def mlp_ratio(self) -> int:
+        """How many d-wide blocks fc1 has (4 for every standard ViT); refuses non-integer ratios."""
+        if self.mlp_hidden % self.embed_dim:
+            raise ValueError(
+                f"this model's MLP hidden width {self.mlp_hidden} is not a multiple of its width "
+                f"{self.embed_dim}; FacT's tensorisation needs whole d x d slices"
+            )
+        return self.mlp_hidden // self.embed_dim
+
+    def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+def inspect_vit(model: nn.Module) -> Arch:
+    """Check that ``model`` is a timm ViT the methods can adapt, and read its sizes.
+
+    Raises:
+        ValueError: naming what is missing, if the model lacks ``blocks[i].attn.qkv``/``attn.proj``/``mlp.fc1``/
+            ``mlp.fc2`` linears, a ``patch_embed`` or ``get_classifier``.
+    """
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Sequential | nn.ModuleList) or len(blocks) == 0:
+        raise ValueError(
+            f"{type(model).__name__} is not a timm Vision Transformer: it has no `blocks`. PETLab adapts timm ViTs "
+            "whose blocks have attn.qkv, attn.proj, mlp.fc1 and mlp.fc2 linears (vit_*, deit_*, DINOv2, ...)."
+        )
+    for i, block in enumerate(blocks):
+        for path in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
+            try:
+                layer = block.get_submodule(path)
+            except AttributeError:
+                layer = None
+            if not isinstance(layer, nn.Linear):
+                raise ValueError(
+                    f"{type(model).__name__} is not a timm ViT PETLab can adapt: blocks.{i}.{path} is "
+                    f"{'missing' if layer is None else type(layer).__name__}, expected nn.Linear"
+                )
+    if not hasattr(model, "patch_embed") or not hasattr(model, "get_classifier"):
+        raise ValueError(f"{type(model).__name__} is not a timm ViT: it lacks patch_embed or get_classifier()")
+    attn = blocks[0].attn
+    embed_dim = attn.qkv.in_features
+    if attn.qkv.out_features != 3 * embed_dim:
+        raise ValueError(f"blocks.0.attn.qkv maps {embed_dim} -> {attn.qkv.out_features}, expected 3 x {embed_dim}")
+    patch = model.patch_embed.patch_size
+    return Arch(
+        embed_dim=embed_dim,
+        depth=len(blocks),
+        num_heads=int(attn.num_heads),
+        mlp_hidden=blocks[0].mlp.fc1.out_features,
+        num_classes=int(getattr(model, "num_classes", 0)),
+        patch_size=int(patch[0] if isinstance(patch, tuple | list) else patch),
+        num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What to adapt
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Targets:
+    """Which matrices of which blocks a method adapts: a union of (matrices x blocks) terms.
+
+    The text form is the one serialised value everywhere (configs, run store, CLI, intrinsic-dimension selection):
+    terms separated by ``;``, each ``MATRICES[:BLOCKS]``. MATRICES is a comma list of ``q k v proj fc1 fc2`` or the
+    groups ``all attn qkv mlp``; BLOCKS is a comma list of indices and inclusive ranges (``0-5,8``), all blocks when
+    left out. Examples: ``"q,v"``, ``"all"``, ``"attn:0-5;mlp:6-11"``.
+    """
+
+    terms: tuple[tuple[tuple[str, ...], tuple[int, ...] | None], ...]
+
+    @classmethod
+    def parse(cls, value: str | Targets) -> Targets:
+        """Parse the text form; raises ValueError naming the bad part and what is allowed."""
+        if isinstance(value, Targets):
+            return value
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"targets must be a non-empty string like 'q,v' or 'attn:0-5;mlp:6-11', got {value!r}")
+        terms = []
+        for raw in value.split(";"):
+            term = raw.strip().replace(" ", "")
+            if not term:
+                continue
+            mats_text, _, blocks_text = term.partition(":")
+            mats: list[str] = []
+            for m in mats_text.split(","):
+                if m in GROUPS:
+                    mats.extend(GROUPS[m])
+                elif m in MATRICES:
+                    mats.append(m)
+                else:
+                    raise ValueError(
+                        f"unknown target matrix {m!r} in targets {value!r}; allowed: {', '.join(MATRICES)} "
+                        f"or the groups {', '.join(GROUPS)}"
+                    )
+            ordered = tuple(m for m in MATRICES if m in mats)
+            blocks = _parse_blocks(blocks_text, value) if blocks_text else None
+            terms.append((ordered, blocks))
+        if not terms:
+            raise ValueError(f"targets {value!r} names nothing to adapt")
+        return cls(tuple(terms))
+
+    def __str__(self) -> str:
+        parts = []
+        for mats, blocks in self.terms:
+            text = next((g for g, ms in GROUPS.items() if ms == mats), ",".join(mats))
+            if blocks is not None:
+                text += ":" + _format_blocks(blocks)
+            parts.append(text)
+        return ";".join(parts)
+
+    def resolve(self, depth: int) -> dict[int, tuple[str, ...]]:
+        """Map block index -> the matrices adapted there (in ``MATRICES`` order), for a model of ``depth`` blocks."""
+        chosen: dict[int, set[str]] = {}
+        for mats, blocks in self.terms:
+            for b in range(depth) if blocks is None else blocks:
+                if not 0 <= b < depth:
+                    raise ValueError(f"targets {str(self)!r} names block {b}, but the model has blocks 0-{depth - 1}")
+                chosen.setdefault(b, set()).update(mats)
+        return {b: tuple(m for m in MATRICES if m in chosen[b]) for b in sorted(chosen)}
+
+
+def _parse_blocks(text: str, whole: str) -> tuple[int, ...]:
+    out: set[int] = set()
+    for part in text.split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not match:
+            raise ValueError(f"bad block list {text!r} in targets {whole!r}; use indices and ranges like '0-5,8'")
+        lo, hi = int(match[1]), int(match[2] or match[1])
+        if hi < lo:
+            raise ValueError(f"bad block range {part!r} in targets {whole!r}: the end is before the start")
+        out.update(range(lo, hi + 1))
+    return tuple(sorted(out))
+
+
+def _format_blocks(blocks: tuple[int, ...]) -> str:
+    runs: list[list[int]] = []
+    for b in blocks:
+        if runs and b == runs[-1][1] + 1:
+            runs[-1][1] = b
+        else:
+            runs.append([b, b])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Options
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method's options. Subclasses add typed fields with defaults and override ``check``."""
+
+    def check(self, arch: Arch) -> None:
+        """Validate the options against the model; raise ValueError naming the bad value and what is allowed."""
+
+    @classmethod
+    def from_options(cls, **options: Any) -> MethodConfig:
+        """Build from keyword options (from Python, the CLI or a saved file), coercing strings to field types."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - set(fields))
+        if unknown:
+            allowed = ", ".join(fields) or "none"
+            raise ValueError(f"unknown option(s) {', '.join(unknown)} for this method; allowed: {allowed}")
+        hints = typing.get_type_hints(cls)
+        values = {name: _coerce(name, value, hints[name]) for name, value in options.items()}
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (targets as their text form)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {k: (str(v) if isinstance(v, Targets) else v) for k, v in values.items()}
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Coerce an option value to its field type; strings from the CLI or metadata are accepted."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            return None
+        hint = args[0]
+    if typing.get_origin(hint) is typing.Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ValueError(f"option {name}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+        return value
+    if hint is Targets:
+        return Targets.parse(value)
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if hint is float:
+            return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"option {name}={value!r} must be of type {hint.__name__}") from None
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Module types
+# ----------------------------------------------------------------------------------------------------------------
+class AdapterModule(nn.Module):
+    """Marker base: every parameter an AdapterModule owns trains, except those of a wrapped ``base`` module."""
+
+
+class Wrapper(AdapterModule):
+    """Wraps one child of the ViT (``self.base``, frozen) and adds a small trainable module around it."""
+
+    mergeable: ClassVar[bool] = False
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+
+    def __getattr__(self, name: str) -> Any:
+        # Attributes the ViT reads from the wrapped child (patch_embed.img_size, qkv.in_features, block.attn, ...)
+        # stay reachable through the wrapper.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base" or "base" not in self._modules:
+                raise
+            return getattr(self._modules["base"], name)
+
+    def merged(self) -> nn.Module:
+        """Return ``base`` with this wrapper's update folded in (in place). Only for mergeable wrappers."""
+        raise TypeError(f"{type(self).__name__} cannot be merged into the backbone")
+
+
+def linear_slices(base: nn.Linear, mats: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """Output-row ranges of the adapted parts of a linear, keyed by matrix name: some q/k/v slices of a fused
+    qkv, or one whole matrix (``proj``, ``fc1``, ``fc2``)."""
+    if mats[0] not in QKV_SLICES:
+        return {mats[0]: (0, base.out_features)}
+    d = base.out_features // len(QKV_SLICES)
+    return {m: (i * d, (i + 1) * d) for i, m in enumerate(QKV_SLICES) if m in mats}
+
+
+class LinearWrapper(Wrapper):
+    """A frozen ``nn.Linear`` plus a weight update, ``y = base(x) + update(x, base(x))``.
+
+    Subclasses implement ``delta_weight`` (and ``delta_bias`` where they shift the bias): the update of the whole
+    weight in PyTorch layout. That one function serves merging and the spectra. ``update`` is the training forward
+    of the same update and defaults to ``F.linear(x, delta_weight(), delta_bias())``; low-rank methods override it
+    to act on the activations (never building a d x d matrix per step), and the tests check the two agree.
+
+    Attributes:
+        parts: output-row ranges of the adapted parts, keyed by matrix name (``{"fc1": whole}`` or some of
+            ``q``, ``k``, ``v`` for a fused qkv).
+    """
+
+    mergeable: ClassVar[bool] = True
+
+    def __init__(self, base: nn.Linear, mats: tuple[str, ...]) -> None:
+        super().__init__(base)
+        self.parts = linear_slices(base, mats)
+        self.fused = mats[0] in QKV_SLICES
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        return y + self.update(x, y)
+
+    def update(self, x: Tensor, y: Tensor) -> Tensor:
+        return F.linear(x, self.delta_weight(), self.delta_bias())
+
+    def delta_weight(self) -> Tensor:
+        raise NotImplementedError
+
+    def delta_bias(self) -> Tensor | None:
+        return None
+
+    def place(self, parts: dict[str, Tensor], dim: int = -1) -> Tensor:
+        """Assemble per-part tensors into the full output size along ``dim``, zeros where nothing is adapted."""
+        if not self.fused:
+            return next(iter(parts.values()))
+        ref = next(iter(parts.values()))
+        d = self.base.out_features // len(QKV_SLICES)
+        shape = list(ref.shape)
+        shape[dim] = d
+        chunks = [parts[m] if m in parts else ref.new_zeros(shape) for m in QKV_SLICES]
+        return torch.cat(chunks, dim=dim)
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        base = self.base
+        base.weight.add_(self.delta_weight().to(base.weight.dtype))
+        db = self.delta_bias()
+        if db is not None:
+            if base.bias is None:
+                base.bias = nn.Parameter(torch.zeros_like(db, dtype=base.weight.dtype))
+            base.bias.add_(db.to(base.bias.dtype))
+        return base
+
+
+class ScaleShift(Wrapper):
+    """SSF's per-channel ``y * gamma + beta`` after a LayerNorm, a linear or the patch embedding.
+
+    Used by SSF (after every op) and by RLRR (after norm1, norm2, the final norm and the patch embedding). The
+    channel dimension is the last one for all of these (timm's PatchEmbed flattens to tokens x channels).
+    """
+
+    mergeable: ClassVar[bool] = True
+
+    def __init__(self, base: nn.Module, channels: int, init: str) -> None:
+        super().__init__(base)
+        ref = next(base.parameters())
+        self.scale = nn.Parameter(torch.ones(channels, device=ref.device, dtype=ref.dtype))
+        self.shift = nn.Parameter(torch.zeros(channels, device=ref.device, dtype=ref.dtype))
+        if init == "official":  # SSF's and RLRR's code: N(1, .02) and N(0, .02), not the identity at step 0
+            nn.init.normal_(self.scale, 1.0, 0.02)
+            nn.init.normal_(self.shift, 0.0, 0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) * self.scale + self.shift
+
+    def delta_weight(self) -> Tensor:
+        """For a wrapped linear: ``diag(scale) W - W`` (the spectra see SSF's update like any other)."""
+        return (self.scale - 1)[:, None] * self.base.weight
+
+    @torch.no_grad()
+    def merged(self) -> nn.Module:
+        s, t = self.scale, self.shift
+        target = self.base
+        if isinstance(target, nn.Module) and hasattr(target, "proj") and isinstance(target.proj, nn.Conv2d):
+            # timm PatchEmbed: fold into the conv when nothing follows it, else into its norm's affine.
+            target = target.proj if isinstance(target.norm, nn.Identity) else target.norm
+        if isinstance(target, nn.Conv2d | nn.Linear):
+            target.weight.mul_(s.view(-1, *([1] * (target.weight.dim() - 1))))
+            bias = target.bias if target.bias is not None else torch.zeros_like(s)
+            target.bias = nn.Parameter(bias * s + t)
+        elif isinstance(target, nn.LayerNorm) and target.elementwise_affine:
+            target.weight.mul_(s)
+            if target.bias is None:
+                target.bias = nn.Parameter(t.clone())
+            else:
+                target.bias.mul_(s).add_(t)
+        else:
+            raise TypeError(f"cannot fold a scale/shift into {type(target).__name__}")
+        return self.base
+
+
+class Shared(AdapterModule):
+    """Holds factors shared across layers (FacT's U and V, KAdaptation's slow weights) once, in ``model.petl``.
+
+    Wrappers keep a plain (unregistered) reference, so the tensors appear once in ``state_dict`` and follow
+    ``.to(device)`` with the model.
+    """
+
+
+class AdapterState(AdapterModule):
+    """``model.petl``: which method was applied, with which options, and the shared factors."""
+
+    def __init__(self, method: str, config: MethodConfig, arch: Arch) -> None:
+        super().__init__()
+        self.method = method
+        self.config = config
+        self.arch = arch
+        self.shared = nn.ModuleDict()
+
+    def extra_repr(self) -> str:
+        return f"method={self.method}, config={self.config.to_dict()}"
+
+
+def share(wrapper: nn.Module, shared: Shared) -> None:
+    """Give ``wrapper`` an unregistered reference to ``shared`` (so it is not duplicated in ``state_dict``)."""
+    object.__setattr__(wrapper, "shared", shared)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Structural functions: what trains, where the wrappers are, merging
+# ----------------------------------------------------------------------------------------------------------------
+def replace_child(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, new)
+
+
+def inject_per_linear(
+    model: nn.Module, targets: Targets, depth: int, make: Callable[[nn.Linear, tuple[str, ...]], nn.Module]
+) -> None:
+    """Wrap each targeted linear once, in ``MATRICES`` order per block: ``make(base, mats)`` gets the adapted
+    q/k/v slices of the fused qkv together, or the one matrix name of proj, fc1 or fc2."""
+    for b, mats in targets.resolve(depth).items():
+        block = model.blocks[b]
+        qkv = tuple(m for m in mats if m in QKV_SLICES)
+        for group in ([qkv] if qkv else []) + [(m,) for m in mats if m not in QKV_SLICES]:
+            path = MATRIX_LINEAR[group[0]]
+            replace_child(block, path, make(block.get_submodule(path), group))
+
+
+def mark_trainable(model: nn.Module, backbone: str) -> None:
+    """The one function that decides what trains, by module type.
+
+    Args:
+        backbone: which pretrained parameters train besides the adapter modules and the head: ``"none"``,
+            ``"biases"`` (every bias of the backbone, BitFit) or ``"all"`` (full fine-tuning).
+    """
+    for p in model.parameters():
+        p.requires_grad_(backbone == "all")
+    if backbone == "biases":
+        for module in model.modules():
+            if not isinstance(module, AdapterModule) and isinstance(getattr(module, "bias", None), nn.Parameter):
+                module.bias.requires_grad_(True)
+    for module in model.modules():
+        if isinstance(module, AdapterModule):
+            wrapped = {id(p) for p in module.base.parameters()} if isinstance(module, Wrapper) else set()
+            for p in module.parameters():
+                if id(p) not in wrapped:
+                    p.requires_grad_(True)
+    for p in model.get_classifier().parameters():
+        p.requires_grad_(True)
+
+
+def wrappers(model: nn.Module) -> Iterator[tuple[str, Wrapper]]:
+    """Every wrapper in the model with its path (methods never nest wrappers)."""
+    for name, module in model.named_modules():
+        if isinstance(module, Wrapper):
+            yield name, module
+
+
+def merge_wrappers(model: nn.Module) -> None:
+    """Replace every wrapper by its base with the update folded in."""
+    for name, wrapper in list(wrappers(model)):
+        if not wrapper.mergeable:
+            raise ValueError(f"{type(wrapper).__name__} at {name} cannot be merged into the backbone")
+        replace_child(model, name, wrapper.merged())

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random timm ViTs of the two shapes PETLab must support."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY_SHAPES = {
+    # A vit_tiny-like model: patch 8, class token, no LayerScale.
+    "vit": dict(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3),
+    # A DINOv2-like model: patch 14, LayerScale (init raised from 1e-5 so the blocks matter in the checks).
+    "dinov2": dict(
+        name="vit_small_patch14_dinov2",
+        img_size=28,
+        patch_size=14,
+        embed_dim=64,
+        depth=2,
+        num_heads=4,
+        init_values=0.1,
+    ),
+}
+
+
+def tiny_vit(shape: str, num_classes: int = 5, seed: int = 0) -> nn.Module:
+    """A small random timm ViT of one of the two supported shapes, in eval mode."""
+    torch.manual_seed(seed)
+    kwargs = dict(TINY_SHAPES[shape])
+    model = timm.create_model(kwargs.pop("name"), pretrained=False, num_classes=num_classes, **kwargs)
+    return model.eval()
+
+
+@pytest.fixture(params=list(TINY_SHAPES))
+def shape(request: pytest.FixtureRequest) -> str:
+    return request.param

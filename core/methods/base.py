@@ -362,6 +362,39 @@ class LinearWrapper(Wrapper):
         return base
 
 
+class LowRankLinear(LinearWrapper):
+    """A weight update that factors through a small code: ``update(x) = code(x) @ E`` with E (k x out), k small.
+
+    The forward adds it to the frozen output in one fused ``addmm``: no d x d matrix, no full-size temporaries
+    beyond the output itself. Subclasses implement ``code`` (and ``delta_weight`` for merging and the spectra).
+    """
+
+    def code(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(z, E): the code z (..., k) of the input and the expansion E (k, out_features)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        z, E = self.code(x)
+        return torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]), E.to(z.dtype)).view(y.shape)
+
+    def update(self, x: Tensor, y: Tensor) -> Tensor:
+        z, E = self.code(x)
+        return z @ E
+
+    def expansion(self, blocks: list[Tensor]) -> Tensor:
+        """Stack per-part expansions (k_i x part width), in ``parts`` order, into E (sum k_i x out_features):
+        each part's rows write only its own output columns (its q/k/v slice), zeros elsewhere."""
+        if not self.fused:
+            return blocks[0]
+        E = blocks[0].new_zeros(sum(b.shape[0] for b in blocks), self.base.out_features)
+        row = 0
+        for (lo, hi), b in zip(self.parts.values(), blocks, strict=True):
+            E[row : row + b.shape[0], lo:hi] = b
+            row += b.shape[0]
+        return E
+
+
 class ScaleShift(Wrapper):
     """SSF's per-channel ``y * gamma + beta`` after a LayerNorm, a linear or the patch embedding.
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from core.methods.base import (
     AdapterState,
     Arch,
-    LinearWrapper,
+    LowRankLinear,
     MethodConfig,
     Shared,
     Targets,
@@ -90,7 +90,7 @@ class FacTFactors(Shared):
         return torch.einsum("abc,ck->abk", self.C, self.P[:, first : first + count])
 
 
-class FacTLinear(LinearWrapper):
+class FacTLinear(LowRankLinear):
     """FacT on one linear: the q/k/v slices of a fused qkv, proj, fc1 (m row blocks) or fc2 (m column blocks).
 
     ``cores()`` returns the r x r middle matrices in one convention for both variants: for attention slices a
@@ -126,19 +126,17 @@ class FacTLinear(LinearWrapper):
         flat = M.reshape(r, self.m * r)  # the code's reshape: flat[a, m*b + k] = M[a, b, k]
         return flat.T if self.kind == "fc1" else flat
 
-    def update(self, x: Tensor, y: Tensor) -> Tensor:
+    def code(self, x: Tensor) -> tuple[Tensor, Tensor]:
         f, S = self.shared, self.cores()
-        r, s = f.U.shape[0], f.scale
+        sV = f.scale * f.V.T  # (r, d): the scale folded into the small factor, not the output
         if self.kind == "fc2":
-            u = x.unflatten(-1, (self.m, -1)) @ f.U.T  # (..., m, r): U on each d-chunk of the hidden vector
-            return s * f.dropout(u.flatten(-2) @ S.T) @ f.V.T  # (..., r) -> (..., d)
+            u = x @ torch.block_diag(*[f.U.T] * self.m)  # (..., m r): U on each d-chunk of the hidden vector
+            return f.dropout(u @ S.T), sV  # (..., r) -> d
         u = x @ f.U.T  # (..., r)
         if self.kind == "fc1":
-            z = f.dropout(u @ S.T)  # (..., m r)
-            return s * (z.unflatten(-1, (self.m, r)) @ f.V.T).flatten(-2)  # (..., m d)
-        z = f.dropout(u @ S.flatten(0, 1).T)  # (..., n r): S_n u for every adapted slice at once
-        out = s * (z.unflatten(-1, (self.n, r)) @ f.V.T)  # (..., n, d)
-        return self.place({m: out[..., i, :] for i, m in enumerate(self.parts)})
+            return f.dropout(u @ S.T), torch.block_diag(*[sV] * self.m)  # (..., m r) -> m row blocks of d
+        z = f.dropout(u @ S.flatten(0, 1).T)  # (..., n r): S_n U x for every adapted slice at once
+        return z, self.expansion([sV] * self.n)
 
     def delta_weight(self) -> Tensor:
         f, S = self.shared, self.cores()

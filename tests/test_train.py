@@ -252,3 +252,49 @@ def test_killed_training_is_marked_interrupted_and_keeps_its_history(tmp_path: P
     run = store.list_runs().iloc[0]
     assert run["status"] == "interrupted"
     assert len(store.metrics(run["id"])) >= 30
+
+
+def test_cli_spectra_and_pareto_on_recorded_runs(tmp_path: Path, capsys) -> None:
+    home = str(tmp_path / "home")
+    common = [
+        "--home",
+        home,
+        "train",
+        "--quiet",
+        "--dataset",
+        "digits",
+        "--img-size",
+        "28",
+        "--n-train",
+        "32",
+        "--n-val",
+        "16",
+        "--n-test",
+        "16",
+        "--steps",
+        "2",
+        "--eval-every",
+        "2",
+        "--warmup-steps",
+        "0",
+    ]
+    for method in (["lora", "--rank", "2", "--targets", "v:0"], ["full"], ["vpt"]):
+        assert cli(common + method) == 0
+    store = RunStore(home)
+    ids = dict(zip(store.list_runs()["method"], store.list_runs()["id"], strict=True))
+    capsys.readouterr()
+    assert cli(["--home", home, "spectra", ids["lora"], "--out", str(tmp_path / "sp")]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.0.attn.qkv.v" in out and "blocks.1" not in out  # only the adapted slice
+    import pandas as pd
+
+    summary = pd.read_csv(tmp_path / "sp" / "summary.csv")
+    assert summary["update_stable_rank"].iloc[0] <= 2 + 1e-6  # a rank-2 LoRA update
+    assert cli(["--home", home, "spectra", ids["full"]]) == 0
+    assert capsys.readouterr().out.count("attn.qkv.") == 3 * 12  # full fine-tuning: tuned minus pretrained
+    assert cli(["--home", home, "spectra", ids["vpt"]]) == 0
+    assert "no weight update" in capsys.readouterr().out
+    assert cli(["--home", home, "pareto", "--out", str(tmp_path / "p")]) == 0
+    points = pd.read_csv(tmp_path / "p" / "points.csv")
+    assert set(points["kind"]) == {"run", "reference"} and (points["kind"] == "run").sum() == 3
+    assert points.loc[points["kind"] == "run", "front"].any()

@@ -1,0 +1,221 @@
+"""Known-answer tests of core.pareto: hand-made tables, hand-computed scores, the papers' printed averages."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from core.pareto import (
+    POINT_COLUMNS,
+    combine_points,
+    load_reference_results,
+    pareto_front,
+    ppt_score,
+    reference_points,
+)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pareto front
+# ----------------------------------------------------------------------------------------------------------------
+TABLE = pd.DataFrame(
+    {
+        "label": ["A", "B", "C", "D", "E", "F", "G", "H", "I"],
+        "params": [1.0, 2.0, 2.0, 3.0, 4.0, 0.5, 5.0, np.nan, 3.0],
+        "accuracy": [50.0, 60.0, 55.0, 60.0, 70.0, 40.0, 65.0, 99.0, np.nan],
+    },
+    index=[10, 11, 12, 13, 14, 15, 16, 17, 18],  # a non-default index must be kept
+)
+
+
+def front_labels(mask: pd.Series, table: pd.DataFrame = TABLE) -> set[str]:
+    return set(table.loc[mask, "label"])
+
+
+@pytest.mark.parametrize(
+    ("minimize_x", "maximize_y", "expected"),
+    [
+        (True, True, {"F", "A", "B", "E"}),  # few params, high accuracy: C and D lose to B, G to E
+        (False, False, {"G", "D", "C", "A", "F"}),  # many params, low "accuracy" (read: error)
+        (True, False, {"F"}),  # F has both the fewest params and the lowest y
+        (False, True, {"E", "G"}),  # E the highest y, G the most params
+    ],
+)
+def test_pareto_front_on_a_hand_made_table(minimize_x: bool, maximize_y: bool, expected: set[str]) -> None:
+    mask = pareto_front(TABLE, minimize_x=minimize_x, maximize_y=maximize_y)
+    assert mask.dtype == bool and mask.name == "pareto"
+    assert list(mask.index) == list(TABLE.index)
+    assert front_labels(mask) == expected
+    assert not mask.loc[[17, 18]].any()  # NaN rows: never on the front, and H's 99% removed nobody
+
+
+def test_exact_duplicates_stay_together() -> None:
+    table = pd.DataFrame({"label": list("abcde"), "p": [1, 1, 2, 3, 3], "acc": [80, 80, 90, 85, 85]})
+    mask = pareto_front(table, x="p", y="acc")
+    assert front_labels(mask, table) == {"a", "b", "c"}  # both copies of the front point; d and e lose to c
+
+
+def test_ties_on_one_axis() -> None:
+    table = pd.DataFrame({"label": list("abcd"), "params": [1, 1, 2, 3], "accuracy": [70, 75, 75, 80]})
+    # a loses to b (same params, better accuracy); c loses to b (same accuracy, fewer params)
+    assert front_labels(pareto_front(table), table) == {"b", "d"}
+
+
+def test_degenerate_tables() -> None:
+    empty = pd.DataFrame({"params": [], "accuracy": []})
+    assert pareto_front(empty).empty
+    only_nan = pd.DataFrame({"params": [np.nan, 1.0], "accuracy": [1.0, np.nan]})
+    assert not pareto_front(only_nan).any()
+    one = pd.DataFrame({"params": [5], "accuracy": [1]})
+    assert pareto_front(one).tolist() == [True]
+
+
+def brute_force_front(a: np.ndarray, b: np.ndarray, minimize_x: bool, maximize_y: bool) -> np.ndarray:
+    """The definition, O(n^2): dominated if another row is >= on both and > on one (NaN rows excluded)."""
+    a = a if minimize_x else -a
+    b = -b if maximize_y else b
+    ok = ~(np.isnan(a) | np.isnan(b))
+    out = np.zeros(len(a), dtype=bool)
+    for i in np.flatnonzero(ok):
+        others = ok & (a <= a[i]) & (b <= b[i]) & ((a < a[i]) | (b < b[i]))
+        out[i] = not others.any()
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize(("minimize_x", "maximize_y"), [(True, True), (False, True), (True, False), (False, False)])
+def test_pareto_front_matches_the_definition_on_random_tables_with_ties(
+    seed: int, minimize_x: bool, maximize_y: bool
+) -> None:
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 8, 60).astype(float)  # few distinct values: many ties and duplicates
+    y = rng.integers(0, 8, 60).astype(float)
+    x[rng.random(60) < 0.1] = np.nan
+    y[rng.random(60) < 0.1] = np.nan
+    table = pd.DataFrame({"params": x, "accuracy": y})
+    got = pareto_front(table, minimize_x=minimize_x, maximize_y=maximize_y).to_numpy()
+    np.testing.assert_array_equal(got, brute_force_front(x, y, minimize_x, maximize_y))
+    assert got.any()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PPT
+# ----------------------------------------------------------------------------------------------------------------
+def test_ppt_by_hand() -> None:
+    assert ppt_score(80.0, 0.0) == pytest.approx(0.8)
+    assert ppt_score(80.0, 9e7) == pytest.approx(0.8 / math.e)  # log10(10) = 1
+    assert ppt_score(80.0, 1e7) == pytest.approx(0.8 * math.exp(-math.log10(2)))  # 0.592044
+    assert ppt_score(80.0, 1e7) == pytest.approx(0.592044, abs=1e-6)
+    accs = pd.Series([80.0, 50.0, np.nan], index=["x", "y", "z"])
+    got = ppt_score(accs, pd.Series([9e7, 0.0, 1.0], index=["x", "y", "z"]))
+    assert isinstance(got, pd.Series) and list(got.index) == ["x", "y", "z"]
+    assert got.iloc[:2].tolist() == pytest.approx([0.8 / math.e, 0.5]) and math.isnan(got.iloc[2])
+    np.testing.assert_allclose(ppt_score(np.array([100.0, 100.0]), np.array([0.0, 9.9e8])), [1.0, math.exp(-2)])
+    np.testing.assert_allclose(ppt_score([100.0], [9e7]), [math.exp(-1)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference points
+# ----------------------------------------------------------------------------------------------------------------
+# (mean19, mean of the 3 group means) as recomputed in the spec, methods.md section 4.2.
+VTAB_AVERAGES = {
+    ("Full", "FacT paper Table 1"): (65.57, 68.97),
+    ("Linear", "FacT paper Table 1"): (52.99, 57.68),
+    ("BitFit", "FacT paper Table 1"): (62.05, 65.22),
+    ("VPT-Shallow", "FacT paper Table 1"): (64.85, 67.82),
+    ("VPT-Deep", "FacT paper Table 1"): (69.43, 71.97),
+    ("Adapter h=8", "FacT paper Table 1"): (71.44, 73.86),
+    ("AdaptFormer", "FacT paper Table 1"): (72.32, 74.75),
+    ("LoRA r=8", "FacT paper Table 1"): (72.25, 74.60),
+    ("NOAH", "FacT paper Table 1"): (73.25, 75.48),
+    ("FacT-TT4", "FacT paper Table 1"): (70.94, 73.46),
+    ("FacT-TT<=16", "FacT paper Table 1"): (73.04, 75.34),
+    ("FacT-TK8", "FacT paper Table 1"): (71.54, 73.98),
+    ("FacT-TK<=32", "FacT paper Table 1"): (73.23, 75.55),
+    ("Linear", "RLRR paper Table 2"): (52.94, 57.64),
+    ("Adapter(VPT)", "RLRR paper Table 2"): (55.82, 59.95),
+    ("ARC", "RLRR paper Table 2"): (73.37, 75.78),
+    ("RLRR", "RLRR paper Table 2"): (74.54, 76.75),
+    ("SSF*", "RLRR paper Table 2"): (73.10, 75.69),
+    ("ARC*", "RLRR paper Table 2"): (74.27, 76.70),
+    ("RLRR*", "RLRR paper Table 2"): (75.11, 77.50),
+}
+FGVC_MEANS = {"Full": 88.54, "Linear": 79.32, "LoRA": 89.46, "RLRR": 90.50, "SSF*": 90.72, "RLRR*": 91.02}
+
+
+@pytest.mark.parametrize(("average", "position"), [("mean19", 0), ("groups", 1)])
+def test_vtab_averages_match_the_spec(average: str, position: int) -> None:
+    points = reference_points("VTAB-1k", average=average)  # type: ignore[arg-type]
+    got = {(m, s): a for m, s, a in points[["method", "source", "accuracy"]].itertuples(index=False)}
+    assert set(got) == set(VTAB_AVERAGES)
+    for key, expected in VTAB_AVERAGES.items():
+        assert got[key] == pytest.approx(expected[position], abs=0.005), key
+    assert (points["n_tasks"] == 19).all() and (points["average"] == average).all()
+
+
+def test_reference_points_params_conventions_and_backbones() -> None:
+    points = reference_points("VTAB-1k").set_index("label")
+    fact = points.loc["FacT-TK<=32 [FacT paper Table 1]"]
+    assert fact["params"] == pytest.approx(69_000) and fact["params_without_head"] == pytest.approx(69_000)
+    assert math.isnan(fact["params_with_head"]) and fact["params_convention"] == "without head"
+    rlrr = points.loc["RLRR [RLRR paper Table 2]"]
+    assert rlrr["params"] == pytest.approx(330_000) and rlrr["params_convention"] == "with head"
+    assert math.isnan(rlrr["params_without_head"])
+    assert rlrr["ppt"] == pytest.approx(0.7454 * math.exp(-math.log10(0.033 + 1)), abs=1e-4)
+    augreg = points[points["method"].str.contains("*", regex=False)]
+    assert len(augreg) == 3 and augreg["backbone"].str.endswith("AugReg").all()
+    assert not points.loc[~points.index.isin(augreg.index), "backbone"].str.contains("AugReg").any()
+    assert list(reference_points("VTAB-1k", prefer="with").columns) == list(points.reset_index().columns)
+
+
+def test_fgvc_is_a_plain_mean_in_both_conventions() -> None:
+    for average in ("mean19", "groups"):
+        points = reference_points("FGVC", average=average)  # type: ignore[arg-type]
+        got = dict(zip(points["method"], points["accuracy"], strict=True))
+        for method, expected in FGVC_MEANS.items():
+            assert got[method] == pytest.approx(expected, abs=0.005), method
+        assert (points["n_tasks"] == 5).all() and (points["params_convention"] == "with head").all()
+
+
+def test_reference_errors() -> None:
+    with pytest.raises(ValueError, match="average"):
+        reference_points(average="median")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no reference results"):
+        reference_points("ImageNet")
+    frame = load_reference_results()
+    assert {"benchmark", "params_include_head"} <= set(frame.columns) and frame["params_include_head"].dtype == bool
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs and references together
+# ----------------------------------------------------------------------------------------------------------------
+def test_combine_points_runs_and_references() -> None:
+    runs = pd.DataFrame(
+        {
+            "id": ["r1", "r2", "r3"],
+            "label": ["mine", None, "no params"],
+            "method": ["lora", "fact", "rlrr"],
+            "test_acc": [71.0, 73.5, 60.0],
+            "trainable_params": pd.array([294_912, 86_528, pd.NA], dtype="Int64"),
+            "trainable_params_with_head": pd.array([296_450, 88_066, 290_306], dtype="Int64"),
+            "dataset.name": ["cifar100", "cifar100", "cifar100"],
+        }
+    )
+    refs = reference_points("VTAB-1k")
+    both = combine_points(runs, refs)
+    assert list(both.columns[: len(POINT_COLUMNS)]) == list(POINT_COLUMNS)
+    assert both["kind"].tolist() == ["run"] * 3 + ["reference"] * len(refs)
+    assert both.loc[1, "label"] == "fact r2"
+    assert both.loc[0, "params"] == 294_912 and both.loc[0, "params_convention"] == "without head"
+    assert both.loc[2, "params"] == 290_306 and both.loc[2, "params_convention"] == "with head"  # fallback
+    assert both.loc[0, "ppt"] == pytest.approx(0.71 * math.exp(-math.log10(0.0294912 + 1)))
+    assert both.loc[0, "dataset"] == "cifar100" and pd.isna(both.loc[0, "backbone"])
+    assert both.loc[3:, "average"].eq("mean19").all() and both.loc[:2, "average"].isna().all()
+    with_head = combine_points(runs, None, prefer="with")
+    assert with_head["params"].tolist() == [296_450, 88_066, 290_306]
+    front = pareto_front(both)
+    assert front.loc[3:].any()  # reference rows compete on the same axes
+    assert list(combine_points(None, None).columns) == list(POINT_COLUMNS)
+    assert combine_points(pd.DataFrame(), refs)["kind"].eq("reference").all()

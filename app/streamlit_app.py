@@ -3,5 +3,16 @@
 import streamlit as st
 
 st.set_page_config(page_title="PETLab", page_icon=":material/tune:", layout="wide")
-pages = [st.Page("app_pages/methods.py", title="Methods", icon=":material/science:", default=True)]
+pages = {
+    "Library": [st.Page("app_pages/methods.py", title="Methods", icon=":material/science:", default=True)],
+    "Train": [
+        st.Page("app_pages/train.py", title="Fine-tune", icon=":material/model_training:"),
+        st.Page("app_pages/runs.py", title="Runs", icon=":material/list:"),
+    ],
+    "Analyse": [
+        st.Page("app_pages/spectra.py", title="Spectra", icon=":material/insights:"),
+        st.Page("app_pages/pareto.py", title="Pareto", icon=":material/scatter_plot:"),
+        st.Page("app_pages/intrinsic_dim.py", title="Intrinsic dimension", icon=":material/tune:"),
+    ],
+}
 st.navigation(pages).run()

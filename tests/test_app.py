@@ -1,13 +1,290 @@
-"""Every page of the app renders without an exception (streamlit's AppTest, no browser)."""
+"""The app: every page through streamlit's AppTest (no browser), on an empty run store and with one tiny completed
+run, and the background-job machinery of app/state.py driven directly.
 
+AppTest runs the scripts in this process, so ``PETLAB_HOME`` is set (monkeypatch) before each run and every page
+reads the store it names. Training here is tiny: the offline backbone at 28 px (4 patches), 2 steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
 from streamlit.testing.v1 import AppTest
 
+from app import state
 from core import methods
+from core.backbone import BackboneSpec, skeleton
+from core.data import DataSpec
+from core.experiment import Experiment, run_experiment
+from core.intrinsic_dim import IntrinsicDimConfig
+from core.pareto import ppt_score
+from core.runs import RunStore
+from core.train import TrainConfig
+
+APP = "../app/streamlit_app.py"
+PAGES = ["app_pages/train.py", "app_pages/runs.py", "app_pages/spectra.py", "app_pages/pareto.py"]
+PAGES += ["app_pages/intrinsic_dim.py"]  # Methods: the first test
+TINY_DATA = DataSpec(name="digits", img_size=28, n_train=32, n_val=16, n_test=16)
 
 
-def test_methods_page_lists_every_method_with_counts() -> None:
-    at = AppTest.from_file("../app/streamlit_app.py", default_timeout=60).run()
-    assert not at.exception
+def tiny_experiment(steps: int = 2) -> Experiment:
+    train = TrainConfig(steps=steps, eval_every=2, warmup_steps=0, batch_size=16)
+    return Experiment(data=TINY_DATA, method="lora", options={"rank": 2}, train=train)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: the SVDs and tiny steps are faster so, and other tests on this machine keep theirs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A run store holding one tiny completed LoRA run (recorded once for the module)."""
+    root = tmp_path_factory.mktemp("recorded")
+    torch.set_num_threads(1)
+    run_id = run_experiment(tiny_experiment(), RunStore(root))
+    return root, run_id
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty run store for the app."""
+    monkeypatch.setenv("PETLAB_HOME", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture
+def home_with_run(recorded: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str]:
+    """A private copy of the recorded store (tests may delete from it), as the app's store."""
+    root = tmp_path / "home"
+    shutil.copytree(recorded[0], root)
+    monkeypatch.setenv("PETLAB_HOME", str(root))
+    return root, recorded[1]
+
+
+def open_page(page: str | None = None, **session: object) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=60)
+    for key, value in session.items():
+        at.session_state[key] = value
+    at.run()
+    if page is not None:
+        at.switch_page(page).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def frame(at: AppTest, column: str) -> pd.DataFrame:
+    """The first rendered dataframe with this column (AppTest gives dataframes no keys)."""
+    return next(d.value for d in at.dataframe if column in d.value.columns)
+
+
+def metric(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def wait_for(condition: object, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every page, empty store
+# ----------------------------------------------------------------------------------------------------------------
+def test_methods_page_lists_every_method_with_counts_and_the_learn_section(home: Path) -> None:
+    at = open_page()
     table = at.dataframe[0].value
     assert list(table["method"]) == methods.list_methods()
     assert int(table.loc[table["method"] == "linear", "trainable (no head)"].iloc[0]) == 0
+    assert any("Learn" in h.value for h in at.header)
+    assert any("RLRR" in m.value and "not** the identity" in m.value for m in at.markdown)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_on_an_empty_store(home: Path, page: str) -> None:
+    at = open_page(page)
+    if page.endswith(("runs.py", "spectra.py")):
+        assert at.info and "No " in at.info[0].value
+    if page.endswith("pareto.py"):
+        table = frame(at, "ppt")
+        assert set(table["kind"]) == {"reference"} and table["ppt"].notna().all()
+        assert any("not results on your dataset" in w.value for w in at.warning)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pages show a completed run
+# ----------------------------------------------------------------------------------------------------------------
+def test_runs_page_shows_the_run_and_deletes_it_after_confirmation(home_with_run: tuple[Path, str]) -> None:
+    root, run_id = home_with_run
+    at = open_page("app_pages/runs.py")
+    table = frame(at, "trainable_params")
+    assert list(table["id"]) == [run_id] and list(table["status"]) == ["completed"]
+    assert metric(at, "Status") == "completed"
+    assert metric(at, "Trainable (no head)") == f"{RunStore(root).get_run(run_id)['trainable_params']:,}"
+    csv = pd.read_csv(io.BytesIO(state.export_csv(RunStore(root))))
+    assert list(csv["id"]) == [run_id]
+
+    at.button(key="runs.delete").click().run()
+    assert any("cannot be undone" in w.value for w in at.warning)
+    assert len(RunStore(root).list_runs()) == 1  # nothing deleted before the confirmation
+    at.button(key="runs.delete.yes").click().run()
+    assert RunStore(root).list_runs().empty
+    assert at.info and "No runs" in at.info[0].value
+
+
+def test_spectra_page_shows_the_runs_matrices(home_with_run: tuple[Path, str]) -> None:
+    root, run_id = home_with_run
+    at = open_page("app_pages/spectra.py")
+    summary = frame(at, "update_fro_ratio")
+    depth = 12  # the offline DINOv2 ViT-S/14
+    assert sorted(summary["name"]) == sorted(f"blocks.{b}.attn.qkv.{m}" for b in range(depth) for m in "qv")
+    assert (summary["update_fro_ratio"] > 0).all()
+    assert any(f"{len(summary)} adapted matrices" in c.value for c in at.caption)
+    assert at.selectbox(key="spectra.metric").options[0].startswith("update_fro_ratio")
+
+
+def test_pareto_page_plots_the_run_beside_the_references(home_with_run: tuple[Path, str]) -> None:
+    root, run_id = home_with_run
+    run = RunStore(root).get_run(run_id)
+    at = open_page("app_pages/pareto.py")
+    table = frame(at, "ppt")
+    mine = table[table["kind"] == "run"]
+    assert len(mine) == 1 and (table["kind"] == "reference").any()
+    assert mine["accuracy"].iloc[0] == pytest.approx(run["test_acc"])
+    assert mine["params"].iloc[0] == run["trainable_params"]
+    assert mine["ppt"].iloc[0] == pytest.approx(ppt_score(run["test_acc"], run["trainable_params"]))
+    assert bool(mine["front"].iloc[0])  # a single run is its own front
+    at.checkbox(key="pareto.refs").uncheck().run()
+    assert set(frame(at, "ppt")["kind"]) == {"run"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fine-tune: the method form follows the registry
+# ----------------------------------------------------------------------------------------------------------------
+def meta_count(method: str, img_size: int = 112, **options: object) -> int:
+    model = skeleton(BackboneSpec(name="vit_small_patch14_dinov2", weights="none", img_size=img_size, num_classes=2))
+    with torch.device("meta"):
+        methods.apply(model, method, **options)
+    return methods.count_trainable(model, include_head=False)
+
+
+def test_fine_tune_form_follows_the_method_and_counts_live(home: Path) -> None:
+    at = open_page("app_pages/train.py")
+    label = "Trainable parameters (without head)"
+    assert at.selectbox(key="ft.method").value == "fact"
+    assert at.selectbox(key="ft.method.fact.variant").options == ["tt", "tk"]
+    assert metric(at, label) == f"{meta_count('fact'):,}"
+
+    at.selectbox(key="ft.method").set_value("lora").run()
+    keys = {w.key for w in [*at.number_input, *at.selectbox, *at.text_input]}
+    assert {"ft.method.lora.rank", "ft.method.lora.alpha", "ft.method.lora.targets"} <= keys
+    assert "ft.method.fact.variant" not in keys
+    assert metric(at, label) == f"{meta_count('lora'):,}"
+
+    at.number_input(key="ft.method.lora.rank").set_value(4)
+    at.text_input(key="ft.method.lora.targets").input("q,k,v").run()
+    assert metric(at, label) == f"{meta_count('lora', rank=4, targets='q,k,v'):,}"
+
+    at.number_input(key="ft.method.lora.rank").set_value(0).run()
+    assert any("rank=0 is out of range" in e.value for e in at.error)
+    assert at.button(key="ft.start").disabled
+    assert RunStore(home).list_runs().empty
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Background jobs
+# ----------------------------------------------------------------------------------------------------------------
+def test_training_jobs_complete_and_cancel_in_the_background(home: Path) -> None:
+    store = RunStore(home)
+    done = state.start_training(tiny_experiment(), root=home)
+    wait_for(lambda: done.run_id is not None and store.get_run(done.run_id)["status"] != "running")
+    assert store.get_run(done.run_id)["status"] == "completed"
+    assert done.wait(10) and done.status == "completed" and done.result == done.run_id
+
+    long = state.start_training(tiny_experiment(steps=1000), root=home)
+    wait_for(lambda: long.step >= 1)
+    long.cancel()
+    assert long.wait(30) and long.status == "cancelled"
+    run = store.get_run(long.run_id)
+    assert run["status"] == "cancelled" and run["steps"] < 1000
+
+    # The Fine-tune page shows the job its session started, from the run store.
+    at = open_page("app_pages/train.py", **{"train.job": done.id})
+    assert any("completed" in s.value for s in at.success)
+    assert metric(at, "Run id") == done.run_id
+
+
+def test_start_button_runs_the_form_in_the_background(home: Path) -> None:
+    at = open_page("app_pages/train.py")
+    at.selectbox(key="ft.data.name").set_value("digits")
+    for key, value in {"img_size": 28, "n_train": 32, "n_val": 16, "n_test": 16}.items():
+        at.number_input(key=f"ft.data.{key}").set_value(value)
+    at.selectbox(key="ft.method").set_value("lora").run()
+    at.number_input(key="ft.method.lora.rank").set_value(2)
+    for key, value in {"steps": 2, "eval_every": 2, "warmup_steps": 0, "batch_size": 16}.items():
+        at.number_input(key=f"ft.train.{key}").set_value(value)
+    at.text_input(key="ft.label").input("from the form")
+    at.button(key="ft.start").click().run()
+    assert not at.exception and not at.error
+    job = state.job(at.session_state["train.job"])
+    assert job is not None and job.wait(60) and job.status == "completed", job.error
+    run = RunStore(home).get_run(job.run_id)
+    assert (run["label"], run["method"], run["method_options"]["rank"]) == ("from the form", "lora", 2)
+    assert run["dataset"]["img_size"] == 28 and run["train_config"]["steps"] == 2
+    at.run()
+    assert any("completed" in s.value for s in at.success)
+
+
+def test_spectra_page_says_when_a_method_has_no_weight_update(home: Path) -> None:
+    experiment = dataclasses.replace(tiny_experiment(), method="linear", options={})
+    run_experiment(experiment, RunStore(home))
+    at = open_page("app_pages/spectra.py")
+    assert any("makes no weight update" in i.value for i in at.info)
+
+
+def test_bad_options_start_nothing(home: Path) -> None:
+    bad = Experiment(data=TINY_DATA, method="lora", options={"rank": 0})
+    with pytest.raises(ValueError, match="rank=0"):
+        state.start_training(bad, root=home)
+    assert RunStore(home).list_runs().empty
+
+
+def test_intrinsic_dimension_job_and_its_targets_reach_the_fine_tune_page(home: Path) -> None:
+    config = IntrinsicDimConfig(steps=3, batch_size=16, d_min=4, d_max=8, max_trials=2)
+    request = state.IntrinsicDimRequest(
+        data=DataSpec(name="digits", img_size=28, n_train=48, n_val=48),
+        backbone=BackboneSpec(),
+        groups=("q,v:11", "fc2:11"),
+        config=config,
+    )
+    job = state.start_intrinsic_dim(request)
+    assert job.wait(120) and job.status == "completed", job.error
+    assert {t["group"] for t in job.trials} == {"q,v:11", "fc2:11"}
+    assert [t["kind"] for t in job.trials if t["group"] == "fc2:11"][0] == "full"
+
+    at = open_page("app_pages/intrinsic_dim.py", **{"id.job": job.id})
+    table = frame(at, "d90")
+    assert list(table["group"]) == ["q,v:11", "fc2:11"]
+    assert any("d90" in t.value for t in at.text)
+    result = job.result.result
+    assert result.recommended is not None, result.explanation  # seeded: this measurement reaches its targets
+    at.button(key="id.use").click().run()
+    assert not at.exception
+    assert [t.value for t in at.title] == ["Fine-tune"]
+    assert at.selectbox(key="ft.method").value == "kadaptation"
+    assert at.text_input(key="ft.method.kadaptation.targets").value == result.recommended
+    count = meta_count("kadaptation", img_size=112, targets=result.recommended)
+    assert metric(at, "Trainable parameters (without head)") == f"{count:,}"

@@ -1,4 +1,7 @@
-"""The registered PETL methods and what each would train on a chosen timm ViT."""
+"""The registered PETL methods, what each would train on a chosen timm ViT, and where PETLab departs from the
+official code."""
+
+import sys
 
 import pandas as pd
 import streamlit as st
@@ -10,9 +13,9 @@ from core import methods
 st.title("PETLab")
 st.write(
     "Parameter-efficient fine-tuning of Vision Transformers: FacT, RLRR and KAdaptation beside LoRA, adapters, "
-    "VPT, BitFit, SSF, linear probing and full fine-tuning. Fine-tuning, the SVD spectra, the intrinsic-dimension "
-    "selection and the accuracy-versus-parameters front arrive as the engine lands; this page already reads the "
-    "method library."
+    "VPT, BitFit, SSF, linear probing and full fine-tuning. Fine-tune on the **Fine-tune** page, compare runs on "
+    "**Runs** and **Pareto**, see what a run did to the weights on **Spectra**, and let **Intrinsic dimension** "
+    "choose which matrices to adapt."
 )
 model_name = st.selectbox(
     "Backbone shape", ["vit_small_patch14_dinov2", "vit_tiny_patch16_224", "vit_base_patch16_224"]
@@ -34,4 +37,34 @@ for name in methods.list_methods():
             "paper": method.paper,
         }
     )
-st.dataframe(pd.DataFrame(rows), hide_index=True, use_container_width=True)
+st.dataframe(pd.DataFrame(rows), hide_index=True)
+
+st.header("Learn: where PETLab differs from the official code")
+st.markdown(
+    """
+Where the papers' released code and the papers disagree, PETLab follows what produced the published numbers and
+offers the other reading as an option; where the code has a bug, PETLab fixes it and says so.
+
+- **FacT** keeps two choices of the official code that the paper does not state: dropout (0.1) on the rank-r code
+  just before V, and TK's fc1/fc2 core layout (`tk_layout="official"`), which is not the per-slice Tucker form.
+  `tk_layout="tucker"` gives the textbook form with the same parameter count. V starts at zero, so the model equals
+  the pretrained one at step 0.
+- **RLRR**'s official initialisation is **not** the identity: l and c are kaiming-uniform and the SSF scale/shift
+  start at N(1, .02) / N(0, .02), so each weight is scaled by (1 + l_i c_j) from the first step (std about 0.07).
+  `init="official"` reproduces that; `init="identity"` zeroes l and starts SSF at exactly 1 and 0.
+- **KAdaptation** fixes three things in the official code: it zero-initialises only one fast factor (the code
+  zeroes both, so the Kronecker part never trains), adds the update to W_q / W_v before the attention scaling so it
+  merges exactly, and gives the v slice its own fast weights.
+- **SSF**'s official initialisation is likewise N(1, .02) / N(0, .02); `init="identity"` starts at 1 and 0.
+- **Every method** wraps timm's own `nn.Linear` layers (no patched forwards, timm keeps its fused attention), and
+  every run selects its checkpoint on validation and measures the test split once, where several official scripts
+  report the best test accuracy over epochs.
+"""
+)
+with st.expander("Each method's notes, from its source"):
+    by_module: dict[str, list[str]] = {}
+    for name in methods.list_methods():
+        by_module.setdefault(methods.get_method(name).config.__module__, []).append(name)
+    for module_name, names in by_module.items():
+        st.markdown(f"**{', '.join(names)}** (`{module_name}`)")
+        st.text(sys.modules[module_name].__doc__ or "")

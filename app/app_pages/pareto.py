@@ -1,0 +1,55 @@
+"""Pareto: accuracy versus trainable parameters over completed runs, with the front and the papers' points."""
+
+import streamlit as st
+
+from app import charts, state
+from core.pareto import combine_points, pareto_front
+
+TABLE = ["kind", "label", "method", "accuracy", "params", "params_convention", "ppt", "front", "backbone", "dataset",
+         "source"]  # fmt: skip
+
+st.title("Accuracy versus trainable parameters")
+cells = st.columns(4)
+benchmark = cells[0].selectbox("Reference benchmark", state.reference_benchmarks(), key="pareto.benchmark")
+average = cells[1].radio(
+    "Averaging",
+    ["mean19", "groups"],
+    key="pareto.average",
+    format_func=lambda a: {"mean19": "mean over tasks (RLRR)", "groups": "mean of group means (FacT)"}[a],
+)
+head = cells[2].radio(
+    "Parameter count", ["without", "with"], key="pareto.head", format_func=lambda h: f"{h} the classifier head"
+)
+show_refs = cells[3].checkbox("Show the papers' points", value=True, key="pareto.refs")
+
+refs = state.references(benchmark, average, head) if show_refs else None
+if refs is not None:
+    backbones = ", ".join(sorted(refs["backbone"].dropna().unique()))
+    st.warning(
+        f"The papers' points are averages over **{benchmark}** tasks on **{backbones}**, not results on your dataset "
+        "or backbone: read them as the shape of the trade-off, not as accuracies to match. Points marked * use the "
+        "AugReg-pretrained ViT-B/16, a different starting point from the IN-21k rows."
+    )
+
+runs = state.store().list_runs(status="completed")
+datasets = sorted(runs["dataset.name"].dropna().unique()) if "dataset.name" in runs else []
+if datasets:
+    chosen = st.multiselect("Your runs on", datasets, default=datasets, key="pareto.datasets")
+    runs = runs[runs["dataset.name"].isin(chosen)]
+else:
+    st.info("No completed run yet: your runs appear here once they complete (accuracy = test accuracy).")
+
+points = combine_points(runs, refs, prefer=head)
+points["front"] = False
+for kind in ("run", "reference"):  # one front per kind: your dataset and the benchmark are different tasks
+    rows = points["kind"] == kind
+    if rows.any():
+        points.loc[rows, "front"] = pareto_front(points[rows], x="params", y="accuracy").to_numpy()
+
+st.plotly_chart(charts.pareto(points), key="pareto.chart")
+st.caption(
+    "PPT (V-PETL Bench) = accuracy / 100 x exp(-log10(params / 1e7 + 1)): higher is a better trade-off. Parameter "
+    f"counts {head} the head where the source gives that count, else the other (see params_convention)."
+)
+table = points[[c for c in TABLE if c in points.columns]].sort_values(["kind", "ppt"], ascending=[False, False])
+st.dataframe(table, hide_index=True, key="pareto.table")

@@ -167,36 +167,16 @@ def test_train_config_refuses_bad_values(field, value, message) -> None:
         TrainConfig(**{field: value})
 
 
+def tiny_train_args(home: str, n_train: int) -> list[str]:
+    """CLI arguments for a two-step run on a few digits at 28 px."""
+    sizes = ["--n-train", str(n_train), "--n-val", "16", "--n-test", "16"]
+    schedule = ["--steps", "2", "--eval-every", "2", "--warmup-steps", "0"]
+    return ["--home", home, "train", "--quiet", "--dataset", "digits", "--img-size", "28", *sizes, *schedule]
+
+
 def test_cli_train_runs_and_params(tmp_path: Path, capsys) -> None:
     home = str(tmp_path / "home")
-    args = [
-        "--home",
-        home,
-        "train",
-        "--dataset",
-        "digits",
-        "--img-size",
-        "28",
-        "--n-train",
-        "48",
-        "--n-val",
-        "16",
-        "--n-test",
-        "16",
-        "--steps",
-        "2",
-        "--eval-every",
-        "2",
-        "--warmup-steps",
-        "0",
-        "--batch-size",
-        "16",
-        "fact",
-        "--variant",
-        "tk",
-        "--rank",
-        "4",
-    ]
+    args = [*tiny_train_args(home, n_train=48), "--batch-size", "16", "fact", "--variant", "tk", "--rank", "4"]
     assert cli(args) == 0
     out = capsys.readouterr().out
     assert "completed" in out and "trainable parameters 3,712" in out  # 2*384*4 + 144*4 + 4^3 on ViT-S/14
@@ -256,28 +236,7 @@ def test_killed_training_is_marked_interrupted_and_keeps_its_history(tmp_path: P
 
 def test_cli_spectra_and_pareto_on_recorded_runs(tmp_path: Path, capsys) -> None:
     home = str(tmp_path / "home")
-    common = [
-        "--home",
-        home,
-        "train",
-        "--quiet",
-        "--dataset",
-        "digits",
-        "--img-size",
-        "28",
-        "--n-train",
-        "32",
-        "--n-val",
-        "16",
-        "--n-test",
-        "16",
-        "--steps",
-        "2",
-        "--eval-every",
-        "2",
-        "--warmup-steps",
-        "0",
-    ]
+    common = tiny_train_args(home, n_train=32)
     for method in (["lora", "--rank", "2", "--targets", "v:0"], ["full"], ["vpt"]):
         assert cli(common + method) == 0
     store = RunStore(home)

@@ -26,12 +26,10 @@ from typing import Any
 from core import methods
 from core.backbone import BackboneSpec
 from core.data import DataSpec, list_datasets
+from core.experiment import DEMO
 from core.train import TrainConfig
 
-# The demo defaults of `python -m core train`: a few minutes on 2 CPU cores (bench/bench_default_train.py).
-DEMO_DATA = DataSpec(name="mnist5k", img_size=112, n_train=2000, n_val=200, n_test=1000)
-DEMO_TRAIN = TrainConfig(steps=150, batch_size=16, lr=5e-3, warmup_steps=10, eval_every=75)
-DEMO_METHOD, DEMO_OPTIONS = "fact", {"variant": "tt", "rank": 8, "scale": 1.0}
+DEMO_DATA, DEMO_TRAIN, DEMO_METHOD, DEMO_OPTIONS = DEMO.data, DEMO.train, DEMO.method, DEMO.options
 
 
 def _field_doc(cls: type, name: str) -> str:

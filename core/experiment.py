@@ -36,6 +36,15 @@ class Experiment:
     label: str | None = None
 
 
+# The default demo of the CLI and the app: a few minutes on 2 CPU cores (bench/bench_default_train.py measures it).
+DEMO = Experiment(
+    data=DataSpec(name="mnist5k", img_size=112, n_train=2000, n_val=200, n_test=1000),
+    method="fact",
+    options={"variant": "tt", "rank": 8, "scale": 1.0},
+    train=TrainConfig(steps=150, batch_size=16, lr=5e-3, warmup_steps=10, eval_every=75),
+)
+
+
 class StoreLogger(Callback):
     """Writes the metric history to the run store in small batches and keeps the heartbeat fresh."""
 

@@ -8,12 +8,11 @@ from app import charts, forms, state
 from core import methods
 from core.backbone import BackboneSpec
 from core.data import DataSpec
-from core.experiment import Experiment
+from core.experiment import DEMO, Experiment
 from core.train import TrainConfig
 
-# CPU-friendly defaults: a few minutes on 2 cores with the offline default backbone (the CLI's demo).
-DEFAULT_DATA = DataSpec(name="mnist5k", img_size=112, n_train=2000, n_val=300, n_test=1000)
-DEFAULT_TRAIN = TrainConfig(steps=100, batch_size=32, lr=2e-3, warmup_steps=10, eval_every=50)
+# CPU-friendly defaults: the CLI's demo, a few minutes on 2 cores with the offline default backbone.
+DEFAULT_DATA, DEFAULT_TRAIN = DEMO.data, DEMO.train
 JOB_KEY = "train.job"
 
 st.title("Fine-tune")

@@ -394,6 +394,25 @@ class RunStore:
 
     # ----------------------------------------------------------------------------------------- connections
 
+    @staticmethod
+    def _wal(conn: sqlite3.Connection) -> str:
+        """Switch to WAL mode (it persists in the file). Switching needs an exclusive lock and SQLite may answer
+        "database is locked" at once, without its busy handler, while another process creates the same new file:
+        retry until `BUSY_TIMEOUT_S`."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        delay = 0.01
+        while True:
+            try:
+                mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+                if mode.lower() == "wal":
+                    return mode
+                return conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
+
     def _conn(self) -> sqlite3.Connection:
         local = self._local
         if getattr(local, "conn", None) is not None and local.pid == os.getpid():
@@ -401,7 +420,7 @@ class RunStore:
         conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        mode = self._wal(conn)
         if mode.lower() != "wal":
             warnings.warn(
                 f"{self.db_path} could not switch to WAL mode (got {mode!r}); concurrent runs may wait on each "

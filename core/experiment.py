@@ -35,6 +35,10 @@ class Experiment:
     train: TrainConfig = field(default_factory=TrainConfig)
     label: str | None = None
 
+    def backbone_spec(self, num_classes: int) -> BackboneSpec:
+        """The backbone as built for this run: at the data's image size, with ``num_classes`` outputs."""
+        return dataclasses.replace(self.backbone, img_size=self.data.img_size, num_classes=num_classes)
+
 
 # The default demo of the CLI and the app: a few minutes on 2 CPU cores (bench/bench_default_train.py measures it).
 DEMO = Experiment(
@@ -75,7 +79,7 @@ class StoreLogger(Callback):
 def check_options(experiment: Experiment) -> dict[str, Any]:
     """Validate the method and its options against the backbone's shape, cheaply (a weightless meta-device
     model), so a bad option fails before anything is recorded or loaded. Returns the options with defaults."""
-    model = skeleton(dataclasses.replace(experiment.backbone, img_size=experiment.data.img_size, num_classes=2))
+    model = skeleton(experiment.backbone_spec(num_classes=2))
     with torch.device("meta"):
         methods.apply(model, experiment.method, **experiment.options)
     return methods.adapter_state(model).config.to_dict()
@@ -108,10 +112,7 @@ def run_experiment(
     run_id = store.create_run(record)
     try:
         bundle = load_data(experiment.data, data_root)
-        spec = dataclasses.replace(
-            experiment.backbone, img_size=experiment.data.img_size, num_classes=bundle.num_classes
-        )
-        model, info = build_backbone(spec)
+        model, info = build_backbone(experiment.backbone_spec(bundle.num_classes))
         methods.apply(model, experiment.method, **experiment.options)
         state = methods.adapter_state(model)
         store.update_run(

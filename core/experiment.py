@@ -178,11 +178,5 @@ def run_weight_updates(store: RunStore, run_id: str) -> dict[str, tuple[torch.Te
         for b, (block0, block1) in enumerate(zip(pretrained.blocks, tuned.blocks, strict=True)):
             for path in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
                 w0, w1 = block0.get_submodule(path).weight, block1.get_submodule(path).weight
-                if path == "attn.qkv":
-                    d = w0.shape[0] // 3
-                    for i, m in enumerate("qkv"):
-                        rows = slice(i * d, (i + 1) * d)
-                        updates[f"blocks.{b}.{path}.{m}"] = (w0[rows], w1[rows] - w0[rows])
-                else:
-                    updates[f"blocks.{b}.{path}"] = (w0, w1 - w0)
+                updates.update(methods.matrix_entries(f"blocks.{b}.{path}", w0, w1 - w0))
     return updates

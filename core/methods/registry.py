@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from core.methods.base import (
+    QKV_SLICES,
     AdapterModule,
     AdapterState,
     Arch,
@@ -154,16 +155,21 @@ def weight_updates(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
                 continue
             w0 = wrapper.base.weight.detach()
             dw = wrapper.delta_weight().detach().to(w0.dtype)
-            if name.endswith("attn.qkv"):
-                d = w0.shape[0] // 3
-                kept = list(wrapper.parts) if isinstance(wrapper, LinearWrapper) else ["q", "k", "v"]
-                for i, m in enumerate("qkv"):
-                    if m in kept or kept == [""]:
-                        rows = slice(i * d, (i + 1) * d)
-                        out[f"{name}.{m}"] = (w0[rows], dw[rows])
-            else:
-                out[name] = (w0, dw)
+            kept = tuple(wrapper.parts) if isinstance(wrapper, LinearWrapper) else QKV_SLICES
+            out.update(matrix_entries(name, w0, dw, kept))
     return out
+
+
+def matrix_entries(
+    name: str, w0: Tensor, dw: Tensor, slices: tuple[str, ...] = QKV_SLICES
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """``{name: (W0, dW)}``, with a fused ``attn.qkv`` split into its ``.q``/``.k``/``.v`` row slices (those in
+    ``slices``)."""
+    if not name.endswith("attn.qkv"):
+        return {name: (w0, dw)}
+    d = w0.shape[0] // len(QKV_SLICES)
+    rows = {m: slice(i * d, (i + 1) * d) for i, m in enumerate(QKV_SLICES)}
+    return {f"{name}.{m}": (w0[rows[m]], dw[rows[m]]) for m in QKV_SLICES if m in slices}
 
 
 # ----------------------------------------------------------------------------------------------------------------

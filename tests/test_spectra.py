@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import Tensor
 
+from core import _lapack
 from core.spectra import (
     MatrixSVD,
-    _update_singular_values,
+    _eigh_desc,
     decompose,
     effective_rank,
     intruder_dimensions,
@@ -64,13 +65,17 @@ def test_singular_values_match_the_chosen_ones(rows: int, cols: int) -> None:
     s = torch.tensor([9.0, 7.5, 4.0, 2.0, 1.0, 0.5, 0.25, 0.0] + [0.0] * (min(rows, cols) - 8), dtype=torch.float64)
     w, _, _ = with_spectrum(s, rows, cols)
     got = singular_values(w.float())
-    assert got.dtype == torch.float32 and got.shape == (min(rows, cols),)
-    torch.testing.assert_close(got, s.float(), atol=1e-5, rtol=1e-5)
+    assert got.dtype == torch.float64 and got.shape == (min(rows, cols),)
+    torch.testing.assert_close(got, s, atol=1e-5, rtol=1e-5)
     svd = decompose({"w": w.float()})["w"]
-    torch.testing.assert_close(svd.S, s.float(), atol=1e-5, rtol=1e-5)
-    assert svd.U is not None and svd.V is not None
-    assert svd.U.shape == (rows, min(rows, cols)) and svd.V.shape == (cols, min(rows, cols))
-    torch.testing.assert_close(svd.U @ torch.diag(svd.S) @ svd.V.T, w.float(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(svd.S, s, atol=1e-5, rtol=1e-5)
+    assert svd.U is not None and svd.V is not None and svd.basis is not None
+    r = min(rows, cols)
+    assert svd.U.shape == (rows, r) and svd.V.shape == (cols, r) and svd.basis.shape == (r, r)
+    for q in (svd.U, svd.V):  # orthonormal, the completion of the null directions included
+        torch.testing.assert_close(q.T @ q, torch.eye(r, dtype=torch.float64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(svd.U @ torch.diag(svd.S) @ svd.V.T, w.float().double(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(svd.basis, svd.U if rows <= cols else svd.V)
 
 
 def test_batched_singular_values_equal_one_by_one() -> None:
@@ -80,11 +85,11 @@ def test_batched_singular_values_equal_one_by_one() -> None:
         torch.testing.assert_close(batched[i], singular_values(mats[i]), atol=1e-6, rtol=1e-6)
 
 
-def test_half_precision_inputs_are_cast_to_float32() -> None:
+def test_half_precision_inputs_are_analysed_in_float64() -> None:
     w, _, _ = with_spectrum(torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64), 16, 8)
     s = singular_values(w.to(torch.bfloat16))
-    assert s.dtype == torch.float32
-    torch.testing.assert_close(s[:3], torch.tensor([4.0, 2.0, 1.0]), atol=0.05, rtol=0.02)
+    assert s.dtype == torch.float64
+    torch.testing.assert_close(s[:3], torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64), atol=0.05, rtol=0.02)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -159,8 +164,10 @@ def test_relative_change_handles_zero_pretrained_values() -> None:
 def test_update_singular_values_equal_the_full_svd(rows: int, cols: int, rank: int) -> None:
     g = torch.Generator().manual_seed(rank)
     d = torch.randn(rows, rank, generator=g) @ torch.randn(rank, cols, generator=g) * 1e-3
-    got = _update_singular_values({"d": d})["d"]
-    ref = singular_values(d)
+    w0 = torch.randn(rows, cols, generator=g)
+    values = spectra_report({"w": (w0, d)}, with_vectors=False).values
+    got = torch.tensor(values.loc[values["which"] == "update", "value"].to_numpy())
+    ref = torch.linalg.svdvals(d.double())  # LAPACK's SVD: an independent reference
     assert got.shape == ref.shape
     torch.testing.assert_close(got, ref, atol=5e-6 * float(ref[0]), rtol=0)
     assert int((got > 1e-4 * ref[0]).sum()) == rank
@@ -246,7 +253,7 @@ def test_rotating_the_left_vectors_is_seen_on_the_left_only() -> None:
     assert row["update_rank"] == 2  # R - I acts on a plane
 
 
-@pytest.mark.parametrize(("rows", "cols"), [(24, 24), (48, 16)])
+@pytest.mark.parametrize(("rows", "cols"), [(24, 24), (48, 16), (96, 40), (40, 96)])
 def test_a_new_big_direction_is_exactly_one_intruder(rows: int, cols: int) -> None:
     r = min(rows, cols)
     s0 = spread(r, 10.0, 1.0)
@@ -254,7 +261,7 @@ def test_a_new_big_direction_is_exactly_one_intruder(rows: int, cols: int) -> No
     k = 6
     # x: an even mix of the 16 last left vectors (|cos| 1/4 with each) or, for a tall matrix, outside span(U0);
     # y: an even mix of right vectors outside the top k. Both orthogonal to every top-k pretrained vector.
-    if rows == cols:
+    if rows <= cols:
         x = u0[:, r - 16 :].sum(1) / 4
     else:
         x = torch.linalg.qr(torch.cat([u0, torch.randn(rows, 1, dtype=torch.float64)], 1)).Q[:, -1]
@@ -320,6 +327,9 @@ def test_cached_pretrained_decompositions_give_the_same_report() -> None:
     truncated = decompose({n: w0 for n, (w0, _) in updates.items()}, keep=2)
     pd.testing.assert_frame_equal(fresh.summary, spectra_report(updates, k=4, pretrained=truncated).summary)
     name = "blocks.0.attn.qkv.q"
+    other = {name: cache["blocks.1.attn.qkv.q"]}  # right shape, other weights: a stale cache is refused
+    with pytest.raises(ValueError, match="computed from other weights"):
+        spectra_report({name: updates[name]}, pretrained=other)
     with pytest.raises(ValueError, match="does not match"):
         spectra_report({name: updates[name]}, pretrained={name: MatrixSVD(S=torch.ones(3))}, with_vectors=False)
 
@@ -327,3 +337,139 @@ def test_cached_pretrained_decompositions_give_the_same_report() -> None:
 def test_mismatched_shapes_are_refused() -> None:
     with pytest.raises(ValueError, match="one shape"):
         spectra_report({"w": (torch.zeros(4, 3), torch.zeros(3, 4))})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The numerical engine: GIL-free LAPACK, the Gram route, the low-rank shortcuts, threads
+# ----------------------------------------------------------------------------------------------------------------
+def test_lapack_products_match_numpy_for_every_memory_layout() -> None:
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((7, 5)), rng.standard_normal((5, 3))
+    views = {"C": lambda a: a, "F": np.asfortranarray, "T": lambda a: np.ascontiguousarray(a.T).T,
+             "strided": lambda a: np.repeat(a, 2, axis=1)[:, ::2]}  # fmt: skip
+    for fx in views.values():
+        for fy in views.values():
+            np.testing.assert_allclose(_lapack.matmul(fx(x), fy(y)), x @ y, rtol=1e-12, atol=1e-12)
+    for f in views.values():
+        g = _lapack.gram_lower(f(x))
+        np.testing.assert_allclose(np.tril(g), np.tril(x.T @ x), rtol=1e-12, atol=1e-12)
+        assert not np.triu(g, 1).any()  # only the lower triangle is written
+    with pytest.raises(ValueError, match="cannot multiply"):
+        _lapack.matmul(x, x)
+
+
+@pytest.mark.parametrize("n", [1, 2, 33, 80])
+def test_tridiagonal_reduction_reproduces_the_matrix_and_its_eigenvalues(n: int) -> None:
+    rng = np.random.default_rng(n)
+    a = rng.standard_normal((n, n))
+    g = a + a.T
+    tri = _lapack.Tridiagonal(np.tril(g))  # the upper triangle is never read
+    t = np.diag(tri.d) + np.diag(tri.e, 1) + np.diag(tri.e, -1)
+    q = tri.apply_q(np.eye(n))
+    np.testing.assert_allclose(q.T @ q, np.eye(n), atol=1e-12)
+    np.testing.assert_allclose(q @ t @ q.T, g, atol=1e-11)
+    np.testing.assert_allclose(tri.eigenvalues(), np.linalg.eigvalsh(g), atol=1e-11)
+    w, z = _lapack.eigh(np.tril(g))
+    np.testing.assert_allclose(w, np.linalg.eigvalsh(g), atol=1e-11)
+    np.testing.assert_allclose(z @ np.diag(w) @ z.T, g, atol=1e-11)
+
+
+@pytest.mark.parametrize("vectors", [0, 1, 6, 30, 64])
+def test_every_eigen_route_gives_numpys_answer(vectors: int) -> None:
+    """0: values only; 1 and 6: one tridiagonalisation, bisection and back-transformation; 30, 64: dsyevd."""
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((90, 64))
+    g = a.T @ a
+    ref_w, ref_z = np.linalg.eigh(g)
+    w, z = _eigh_desc(np.tril(g), vectors)
+    np.testing.assert_allclose(w, ref_w[::-1], rtol=1e-11, atol=1e-10)
+    if vectors == 0:
+        assert z is None
+        return
+    assert z is not None and z.shape == (64, vectors)
+    np.testing.assert_allclose(np.abs(np.sum(z * ref_z[:, ::-1][:, :vectors], axis=0)), 1.0, atol=1e-9)
+
+
+def test_small_singular_values_keep_their_relative_precision() -> None:
+    """The Gram route squares the condition number, in float64: a spread of 1e4 still gives ~1e-8 relative."""
+    s = spread(60, 1.0, 1e-4)
+    w, _, _ = with_spectrum(s, 90, 60, seed=21)
+    np.testing.assert_allclose(singular_values(w).numpy(), s.numpy(), rtol=1e-7)
+    np.testing.assert_allclose(singular_values(w.T).numpy(), s.numpy(), rtol=1e-7)
+
+
+def dense_reference(w0: Tensor, dw: Tensor, k: int) -> dict[str, Tensor]:
+    """What the report must find, from LAPACK's SVD of the dense float64 matrices (an independent route)."""
+    u0, s0, v0h = torch.linalg.svd(w0.double(), full_matrices=False)
+    u1, s1, v1h = torch.linalg.svd((w0.double() + dw.double()), full_matrices=False)
+    left, right = subspace_rotation(u0, u1, k), subspace_rotation(v0h.T, v1h.T, k)
+    return {"s0": s0, "s1": s1, "sd": torch.linalg.svdvals(dw.double()), "left": left.angles_deg,
+            "right": right.angles_deg, "max_cos": (u0.T @ u1[:, :k]).abs().amax(0)}  # fmt: skip
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(96, 64), (64, 96), (80, 80)])
+@pytest.mark.parametrize("route", ["fresh", "cached", "values"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_low_rank_updates_give_the_dense_svds_answer(rows: int, cols: int, route: str, dtype: torch.dtype) -> None:
+    """Every route of a low-rank update (pretrained basis, pretrained Gram reuse, a cache) against dense SVDs.
+
+    float64 inputs test the algebra to 1e-10; with float32 ones the update is used at its numerical rank, so its
+    rounding noise (~1e-7 of its norm) is dropped and the tuned values agree to that level.
+    """
+    g = torch.Generator().manual_seed(rows + cols)
+    w0 = with_spectrum(spread(min(rows, cols), 8.0, 0.05), rows, cols, seed=3)[0].to(dtype)
+    dw = (
+        torch.randn(rows, 3, generator=g, dtype=torch.float64)
+        @ torch.randn(3, cols, generator=g, dtype=torch.float64)
+        * 0.05
+    ).to(dtype)
+    k = 5
+    tol = 1e-10 if dtype == torch.float64 else 1e-7
+    cache = decompose({"w": w0}, keep=0) if route == "cached" else None
+    report = spectra_report({"w": (w0, dw)}, k=k, with_vectors=route != "values", pretrained=cache)
+    ref = dense_reference(w0, dw, k)
+    got = {which: torch.tensor(part["value"].to_numpy()) for which, part in report.values.groupby("which")}
+    torch.testing.assert_close(got["pretrained"], ref["s0"], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got["tuned"], ref["s1"], rtol=0, atol=tol * float(ref["s1"][0]))
+    torch.testing.assert_close(got["update"][:3], ref["sd"][:3], rtol=tol, atol=0)
+    assert int(report.summary["update_rank"].iloc[0]) == 3
+    if route == "values":
+        return
+    for side in ("left", "right"):
+        angles = torch.tensor(report.angles.loc[report.angles["side"] == side, "angle_deg"].to_numpy())
+        torch.testing.assert_close(angles, ref[side], atol=1e-3, rtol=0)
+    torch.testing.assert_close(torch.tensor(report.intruders["max_cos"].to_numpy()), ref["max_cos"], atol=1e-6, rtol=0)
+
+
+def test_a_full_rank_update_takes_the_dense_route_and_agrees() -> None:
+    g = torch.Generator().manual_seed(5)
+    w0 = torch.randn(72, 48, generator=g)
+    dw = 0.01 * torch.randn(72, 48, generator=g)
+    report = spectra_report({"w": (w0, dw)}, k=4)
+    ref = dense_reference(w0, dw, 4)
+    tuned = torch.tensor(report.values.loc[report.values["which"] == "tuned", "value"].to_numpy())
+    update = torch.tensor(report.values.loc[report.values["which"] == "update", "value"].to_numpy())
+    torch.testing.assert_close(tuned, ref["s1"], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(update, ref["sd"], rtol=1e-8, atol=1e-10)
+    assert int(report.summary["update_rank"].iloc[0]) == 48
+
+
+def test_threads_do_not_change_the_report() -> None:
+    updates = vit_like_updates(seed=6, width=40)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = spectra_report(updates, k=4)
+        torch.set_num_threads(2)
+        two = spectra_report(updates, k=4)
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("summary", "values", "angles", "intruders"):
+        pd.testing.assert_frame_equal(getattr(one, name), getattr(two, name), rtol=1e-9, atol=1e-9)
+
+
+def test_non_finite_weights_are_refused() -> None:
+    w0 = torch.randn(8, 8)
+    w0[2, 3] = torch.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        spectra_report({"w": (w0, torch.zeros(8, 8))})

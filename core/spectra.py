@@ -2,7 +2,8 @@
 
 For each adapted matrix W0 (out x in, PyTorch layout) and its update dW, with the tuned matrix W1 = W0 + dW:
 
-* spectra: all singular values of W0, W1 and dW, and the relative change (s1_i - s0_i) / s0_i of each one;
+* spectra: all singular values of W0, W1 and dW, and the relative change (s1_i - s0_i) / s0_i of each one that
+  is resolved (NaN below s0_max * sqrt(n * eps64 / 2e-4), ~2e-5 s0_max, where it would be rounding);
 * rotation: principal angles between the top-k left (output side) and right (input side) singular subspaces of
   W0 and W1, and their overlap ||U0_k^T U1_k||_F^2 / k (1: same subspace, 0: orthogonal);
 * intruder dimensions (Shuttleworth et al. 2024, "LoRA vs Full Fine-tuning: An Illusion of Equivalence"): top-k
@@ -119,6 +120,15 @@ def _eigh_desc(g: np.ndarray, vectors: int) -> tuple[np.ndarray, np.ndarray | No
     )
     z = tri.apply_q(t[:, ::-1])  # g = Q T Q^T: eigenvectors of T -> of g
     return values, z
+
+
+_RELATIVE_PRECISION = 1e-4  # a relative change is reported only for values known at least this well
+
+
+def _resolved_floor(s: np.ndarray, n: int) -> float:
+    """The smallest singular value that the Gram route gives to ``_RELATIVE_PRECISION`` relative: its error is
+    eps64 * n * (s_max / s_i)^2 / 2, so s_i >= s_max * sqrt(n * eps64 / (2 * precision))."""
+    return float(s[0]) * math.sqrt(n * _EPS64 / (2 * _RELATIVE_PRECISION)) if len(s) else 0.0
 
 
 class _Oriented(NamedTuple):
@@ -574,6 +584,7 @@ def _analyse_matrix(
     sd = update.values
     s0_t, s1_t, sd_t = torch.from_numpy(s0), torch.from_numpy(s1), torch.from_numpy(sd)
     rel = relative_change(s0_t, s1_t)
+    rel[s0_t < _resolved_floor(s0, n)] = math.nan  # below it the change would be rounding
     block, kind = parse_matrix_name(name)
     row: dict[str, object] = {
         "name": name,

@@ -473,3 +473,17 @@ def test_non_finite_weights_are_refused() -> None:
     w0[2, 3] = torch.nan
     with pytest.raises(ValueError, match="NaN or infinite"):
         spectra_report({"w": (w0, torch.zeros(8, 8))})
+
+
+def test_relative_changes_of_unresolved_values_are_left_out() -> None:
+    """A pretrained value at 1e-9 of the largest is below what float64 Gram matrices resolve: no relative change."""
+    s = torch.cat([spread(39, 5.0, 0.5), torch.tensor([5e-9], dtype=torch.float64)])
+    w0, u0, v0 = with_spectrum(s, 60, 40, seed=8)
+    dw = 1e-3 * torch.outer(u0[:, 0], v0[:, 0])  # moves the top value only, by 1e-3 / 5
+    report = spectra_report({"w": (w0, dw)}, with_vectors=False)
+    rel = report.changes["relative_change"].to_numpy()
+    assert np.isnan(rel[-1]) and not np.isnan(rel[:-1]).any()
+    assert rel[0] == pytest.approx(1e-3 / 5.0, rel=1e-6)
+    row = report.summary.iloc[0]
+    assert row["rel_change_max_abs"] == pytest.approx(1e-3 / 5.0, rel=1e-6)
+    assert row["rel_change_mean_abs"] == pytest.approx(1e-3 / 5.0 / 39, rel=1e-4)

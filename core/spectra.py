@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -636,8 +637,17 @@ def _parallel_map(fn: Callable[[T], R], items: list[T]) -> list[R]:
     workers = _workers(len(items))
     if workers == 1:
         return [fn(x) for x in items]
-    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers, thread_name_prefix="spectra") as pool:
+    # One map at a time per process: the BLAS thread limit is process-wide, and two overlapping maps (two app
+    # sessions) would restore each other's limits in the wrong order; they would only share the cores anyway.
+    with (
+        _MAP_LOCK,
+        threadpool_limits(1, user_api="blas"),
+        ThreadPoolExecutor(workers, thread_name_prefix="spectra") as pool,
+    ):
         return list(pool.map(fn, items))
+
+
+_MAP_LOCK = threading.Lock()
 
 
 def spectra_report(

@@ -114,6 +114,29 @@ def singular_values(values: pd.DataFrame, name: str) -> go.Figure:
     return fig.update_layout(height=340, margin={"t": 40}, legend={"orientation": "h", "y": -0.25})
 
 
+def relative_changes(changes: pd.DataFrame, name: str) -> go.Figure:
+    """For one matrix: the relative change (s1 - s0) / s0 of each singular value, by index (descending s0).
+
+    Values the analysis could not resolve (NaN: a pretrained value at rounding level) leave a gap.
+    """
+    rows = changes[changes["name"] == name]
+    fig = go.Figure(
+        go.Scatter(
+            x=rows["index"],
+            y=rows["relative_change"],
+            mode="lines",
+            line={"color": _color(1)},
+            customdata=rows[["pretrained", "tuned"]].to_numpy(),
+            hovertemplate="index %{x}<br>relative change %{y:.3g}<br>s0 %{customdata[0]:.4g}, "
+            "s1 %{customdata[1]:.4g}<extra></extra>",
+        )
+    )
+    fig.add_hline(y=0.0, line={"color": "gray", "width": 1})
+    fig.update_xaxes(title_text="index (descending pretrained value)")
+    fig.update_yaxes(title_text="(s1 - s0) / s0")
+    return fig.update_layout(height=300, margin={"t": 20})
+
+
 def principal_angles(angles: pd.DataFrame, name: str) -> go.Figure:
     """Principal angles (degrees) between the pretrained and tuned top-k subspaces of one matrix, per side."""
     rows = angles[angles["name"] == name]

@@ -19,7 +19,7 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from app import state
+from app import charts, state
 from core import methods
 from core.backbone import BackboneSpec, skeleton
 from core.data import DataSpec
@@ -154,6 +154,22 @@ def test_spectra_page_shows_the_runs_matrices(home_with_run: tuple[Path, str]) -
     assert (summary["update_fro_ratio"] > 0).all()
     assert any(f"{len(summary)} adapted matrices" in c.value for c in at.caption)
     assert at.selectbox(key="spectra.metric").options[0].startswith("update_fro_ratio")
+
+
+def test_relative_change_chart_plots_one_matrix_and_leaves_unresolved_values_out() -> None:
+    changes = pd.DataFrame(
+        {
+            "name": ["a"] * 3 + ["b"] * 2,
+            "index": [0, 1, 2, 0, 1],
+            "pretrained": [3.0, 2.0, 1e-9, 5.0, 4.0],
+            "tuned": [3.3, 2.0, 2e-9, 5.0, 4.4],
+            "relative_change": [0.1, 0.0, float("nan"), 0.0, 0.1],
+        }
+    )
+    fig = charts.relative_changes(changes, "a")
+    (trace,) = fig.data
+    assert list(trace.x) == [0, 1, 2]
+    assert trace.y[:2].tolist() == [0.1, 0.0] and pd.isna(trace.y[2])
 
 
 def test_pareto_page_plots_the_run_beside_the_references(home_with_run: tuple[Path, str]) -> None:

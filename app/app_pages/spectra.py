@@ -6,6 +6,7 @@ from app import charts, forms, state
 
 METRICS = {
     "update_fro_ratio": "||dW||_F / ||W0||_F: how large the update is",
+    "rel_change_mean_abs": "mean relative change of the singular values",
     "rel_change_max_abs": "largest relative change of a singular value",
     "left_overlap": "overlap of the top-k output-side subspaces (1: unchanged)",
     "intruders": "intruder dimensions: new top singular vectors unlike any pretrained one",
@@ -56,6 +57,8 @@ with st.expander("Per-matrix summary"):
 
 name = st.selectbox("Matrix", list(report.summary["name"]), key="spectra.matrix")
 st.plotly_chart(charts.singular_values(report.values, name), key="spectra.values")
+st.markdown("**Singular-value shifts**: the relative change of each pretrained singular value")
+st.plotly_chart(charts.relative_changes(report.changes, name), key="spectra.changes")
 if with_vectors:
     st.markdown("**Principal angles** between the pretrained and tuned top-k singular subspaces")
     st.plotly_chart(charts.principal_angles(report.angles, name), key="spectra.angles")

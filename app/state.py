@@ -109,7 +109,7 @@ def _weights_key(backbone: Mapping[str, Any]) -> str:
 @st.cache_resource(show_spinner=False, max_entries=2)
 def _pretrained_decompositions(weights_key: str) -> dict[str, MatrixSVD]:
     """The decompositions of one backbone's pretrained matrices, filled as runs need them: they are the same for
-    every run on it and are half the work of a report (ViT-B: 4.1 s once, then 2.3 s per report instead of 6.2 s).
+    every run on it and are half the work of a report (ViT-B: 4.3 s once, then 2.4 s per report instead of 6.2 s).
     A ViT-B's take about 340 MB (every singular vector of the short side, float64), a ViT-S's 85 MB."""
     return {}
 

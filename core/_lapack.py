@@ -70,7 +70,7 @@ def _square_f64(g: np.ndarray) -> np.ndarray:
 def _blas_operand(x: np.ndarray) -> tuple[np.ndarray, bytes, int]:
     """x (rows x cols, float64) as BLAS reads it: column-major memory, a transpose flag, and its leading dimension."""
     if x.ndim != 2 or x.dtype != np.float64:
-        raise ValueError(f"expected a float64 matrix, got {x.dtype} of shape {x.shape}")
+        raise ValueError(f"expected a 2-D float64 array, got {x.dtype} of shape {x.shape}")
     if x.flags.f_contiguous:
         return x, b"N", max(x.shape[0], 1)
     if x.flags.c_contiguous:  # its memory is x^T column-major
@@ -96,7 +96,7 @@ def matmul(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def gram_lower(a: np.ndarray) -> np.ndarray:
     """a^T a (n x n) for a float64 (m x n) matrix by dsyrk: the lower triangle only (the upper one is zero)."""
     if a.ndim != 2 or a.dtype != np.float64:
-        raise ValueError(f"expected a float64 matrix, got {a.dtype} of shape {a.shape}")
+        raise ValueError(f"expected a 2-D float64 array, got {a.dtype} of shape {a.shape}")
     m, n = a.shape
     if a.flags.f_contiguous:  # column-major a (m x n): C = A^T A
         trans, lda = b"T", max(m, 1)
@@ -140,7 +140,7 @@ class Tridiagonal:
         """
         n = self.n
         out = np.array(z, dtype=np.float64, order="F", copy=True)
-        if out.shape[0] != n:
+        if out.ndim != 2 or out.shape[0] != n:
             raise ValueError(f"expected {n} rows, got {out.shape}")
         k = out.shape[1]
         if n < 2 or k == 0:
@@ -159,6 +159,8 @@ def eigh(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = a.shape[0]
     w, info = np.empty(n), ctypes.c_int(0)
     lwork, liwork = 1 + 6 * n + 2 * n * n, 3 + 5 * n
+    if lwork > np.iinfo(np.intc).max:
+        raise ValueError(f"a {n} x {n} eigen-decomposition needs more workspace than 32-bit LAPACK can address")
     work, iwork = np.empty(lwork), np.empty(liwork, dtype=np.intc)
     _dsyevd(b"V", b"L", _i(n), _data(a), _i(max(n, 1)), _data(w), _data(work), _i(lwork), _data(iwork),
             _i(liwork), ctypes.byref(info))  # fmt: skip

@@ -29,15 +29,15 @@ How it is computed, and why (measured on the 2-core CI machine, ViT-B: 72 matric
   two CPU cores stay within a few seconds).
 * All values and a few vectors for the price of the values: one Householder tridiagonalisation, all eigenvalues
   from it (dsterf), the leading k vectors by bisection and inverse iteration, back-transformed alone.
-* Low-rank updates, exactly. A seeded random range finder detects a dW of rank r < 64 (LoRA, FacT, and most
-  methods' per-matrix updates) to within the rounding of its own entries and factors it dW = L R^T; its values
-  come from an r-column problem. The tuned Gram matrix is then the pretrained one plus a rank-2r term, so it is
-  never formed from scratch: in the pretrained singular basis, when known, it is diag(S0^2) plus that term.
-  A dW that is exactly zero reuses the pretrained decomposition.
+* Low-rank updates, exactly. A seeded random range finder detects a float32 or float64 dW of rank r < 64 (LoRA,
+  FacT, and most methods' per-matrix updates) up to the rounding a float32 product leaves (16 sqrt(n) eps
+  ||dW||_F) and factors it dW = L R^T; its values come from an r-column problem. The tuned Gram matrix is then
+  the pretrained one plus a rank-2r term, so it is never formed from scratch: in the pretrained singular basis,
+  when known, it is diag(S0^2) plus that term. A dW that is exactly zero reuses the pretrained decomposition.
 * Pretrained decompositions are the same for every run on a backbone. ``decompose`` them once and pass them as
-  ``pretrained=`` (the app keeps them per backbone): the report of a ViT-B run then takes 2.3 s with vectors and
-  1.7 s values only; from scratch 6.2 s and 3.5 s (batched float32 SVDs took 25 s and 15 s). With full-rank
-  updates (full fine-tuning) no shortcut applies: 5.2 s with the pretrained part cached.
+  ``pretrained=`` (the app keeps them per backbone): the report of a ViT-B run then takes 2.4 s with vectors and
+  1.7 s values only; from scratch 6.2 s and 3.6 s (batched float32 SVDs took 25 s and 15 s). With full-rank
+  updates (full fine-tuning) no shortcut applies: 5.4 s with the pretrained part cached.
 * Threads. Matrices are analysed on one thread per core (``torch.get_num_threads()``), each BLAS call
   single-threaded; the heavy LAPACK/BLAS calls go through ``core._lapack``, which releases the GIL. Only
   scipy's BLAS is used, never numpy's: with two OpenBLAS copies alternating, each one's idle threads spin
@@ -81,6 +81,7 @@ def parse_matrix_name(name: str) -> tuple[int | None, str]:
 # 2. Decompositions
 # ----------------------------------------------------------------------------------------------------------------
 _EPS64 = float(np.finfo(np.float64).eps)
+_EPS32 = float(np.finfo(np.float32).eps)
 _TRIDIAGONAL_MIN = 32  # below this size (or when most vectors are wanted) one LAPACK call for everything is faster
 
 
@@ -132,6 +133,19 @@ def _resolved_floor(s: np.ndarray, n: int) -> float:
     return float(s[0]) * math.sqrt(n * _EPS64 / (2 * _RELATIVE_PRECISION)) if len(s) else 0.0
 
 
+def _update_rank(sd: np.ndarray, shape: tuple[int, ...], eps: float) -> int:
+    """Numerical rank of an update from its singular values (descending), ``eps`` that of its entries.
+
+    Values count above max(shape) eps s_max (``torch.linalg.matrix_rank``'s rule) for float32 and float64
+    entries; for coarser ones, whose rule would exceed s_max, above the size of their own rounding, eps ||dW||_F.
+    Never below 4 sqrt(n eps64) s_max, where the Gram route puts values that are exactly zero.
+    """
+    if not len(sd) or not sd[0] > 0:
+        return 0
+    tol = eps * float(np.sqrt(np.square(sd).sum())) if eps > _EPS32 else max(shape) * eps * float(sd[0])
+    return int((sd > max(tol, 4.0 * math.sqrt(len(sd) * _EPS64) * float(sd[0]))).sum())
+
+
 class _Oriented(NamedTuple):
     """A matrix as float64 numpy on the CPU, transposed when out <= in so that its right side is the short side
     (and for square matrices the output side), with its Frobenius norm."""
@@ -170,7 +184,11 @@ def singular_values(mats: Tensor) -> Tensor:
 
     Computed from the eigenvalues of the float64 Gram matrix of the short side (see the module docstring).
     """
+    if mats.ndim < 2 or 0 in mats.shape[-2:]:
+        raise ValueError(f"expected non-empty matrices (..., m, n), got shape {tuple(mats.shape)}")
     flat = mats.reshape(-1, *mats.shape[-2:])
+    if flat.shape[0] == 0:
+        return torch.zeros(*mats.shape[:-2], min(mats.shape[-2:]), dtype=torch.float64)
     out = torch.stack([torch.from_numpy(_gram_svd(_orient(m).a, 0)[0].copy()) for m in flat])
     return out.reshape(*mats.shape[:-2], out.shape[-1])
 
@@ -213,7 +231,8 @@ def _matrix_svd(s: np.ndarray, v: np.ndarray, long: np.ndarray, transposed: bool
 def decompose(
     matrices: Mapping[str, Tensor], with_vectors: bool = True, keep: int | None = None
 ) -> dict[str, MatrixSVD]:
-    """Thin SVDs of many matrices, one at a time, from the float64 Gram matrix of each one's short side.
+    """Thin SVDs of many matrices (several at once, one per core), from the float64 Gram matrix of each one's
+    short side.
 
     Args:
         matrices: name -> matrix (out x in).
@@ -225,8 +244,8 @@ def decompose(
         name -> MatrixSVD, in the order of ``matrices``.
     """
     for name, w in matrices.items():
-        if w.ndim != 2:
-            raise ValueError(f"{name}: expected a matrix, got shape {tuple(w.shape)}")
+        if w.ndim != 2 or 0 in w.shape:
+            raise ValueError(f"{name}: expected a non-empty matrix, got shape {tuple(w.shape)}")
 
     def one(w: Tensor) -> MatrixSVD:
         a, transposed, _ = _orient(w)
@@ -251,20 +270,21 @@ _PROBES = (16, 64)  # columns of the random range finder, tried in turn: updates
 
 
 def _analyse_update(d: np.ndarray, norm: float, eps: float) -> _Update:
-    """All singular values of the oriented update ``d``, exploiting exact low rank.
+    """All singular values of the oriented update ``d`` (m x n), and D = L R^T when D has low rank.
 
-    A seeded Gaussian probe Y = D @ Omega (p columns) spans range(D) when rank(D) < p. If the residual
-    ||D - Q Q^T D||_F is within the rounding of D's entries (16 sqrt(n) eps ||D||_F, ``eps`` of D's dtype), the
-    values of the small Q^T D are those of D, the rest are zero, and D = L R^T with the ones above rounding;
-    otherwise D takes the Gram path. A value reported as zero is below that residual. For float32 or coarser
-    entries the residual is ||D||^2 - ||Q^T D||^2 (Q is orthonormal), whose float64 cancellation error is far
-    below that tolerance; float64 entries need the explicit difference.
+    A seeded Gaussian probe Y = D @ Omega (p columns) spans range(D) when rank(D) < p. When the part of D outside
+    that range, ||D - Q Q^T D||_F, is below tol = 16 sqrt(n) eps ||D||_F (``eps`` of D's own dtype: about the
+    rounding a float32 matrix product leaves), D is a rank-<p matrix up to rounding: its values are those of the
+    small Q^T D padded with zeros, and D = L R^T keeps every component above tol. Otherwise D takes the Gram
+    route, and so do half-precision entries, whose tol would approach ||D|| itself. For float32 entries the
+    residual is ||D||^2 - ||Q^T D||^2 (Q is orthonormal), whose float64 cancellation error is far below tol;
+    float64 entries need the explicit difference.
     """
     m, n = d.shape
     tol = 16.0 * math.sqrt(n) * eps * norm
     omega = np.random.default_rng(0).standard_normal((n, _PROBES[-1]))
     for p in _PROBES:
-        if 2 * p > n:
+        if 2 * p > n or eps > _EPS32:
             break
         q = _qr(_mm(d, omega[:, :p]))[0]
         small = _mm(q.T, d)  # (p, n)
@@ -274,7 +294,7 @@ def _analyse_update(d: np.ndarray, norm: float, eps: float) -> _Update:
             resid = _norm(d - _mm(q, small))
         if resid <= tol:
             us, ss, vt = scipy.linalg.svd(small, full_matrices=False, check_finite=False)
-            r = int((ss > max(m, n) * eps * ss[0]).sum()) if norm > 0 else 0
+            r = int((ss > tol).sum())
             values = np.concatenate([ss, np.zeros(n - p)])
             return _Update(values, (_mm(q, us[:, :r] * ss[:r]), np.ascontiguousarray(vt[:r].T)))
     return _Update(_gram_svd(d, 0)[0], None)
@@ -598,7 +618,7 @@ def _analyse_matrix(
         "rel_change_max_abs": float(rel.abs().nan_to_num(nan=0.0).amax()),
         "rel_change_mean_abs": float(rel.abs().nanmean()) if bool((~rel.isnan()).any()) else math.nan,
         "update_fro_ratio": d_norm / w0_norm if w0_norm > 0 else (0.0 if d_norm == 0 else math.inf),
-        "update_rank": int(numerical_rank(sd_t, tuple(w0.shape), eps)),
+        "update_rank": _update_rank(sd, tuple(w0.shape), eps),
         "update_effective_rank": float(effective_rank(sd_t)),
         "update_stable_rank": float(stable_rank(sd_t)),
     }
@@ -671,9 +691,13 @@ def spectra_report(
     Returns:
         A SpectraReport of tidy DataFrames (see its docstring).
     """
+    if with_vectors and k < 1:
+        raise ValueError(f"k must be at least 1 (the size of the top subspaces compared), got {k}")
     for name, (w0, dw) in updates.items():
         if w0.ndim != 2 or w0.shape != dw.shape:
             raise ValueError(f"{name}: W0 {tuple(w0.shape)} and dW {tuple(dw.shape)} must be matrices of one shape")
+        if 0 in w0.shape:
+            raise ValueError(f"{name}: W0 {tuple(w0.shape)} is empty")
         cached = (pretrained or {}).get(name)
         if cached is not None and (
             cached.S.shape != (min(w0.shape),)
@@ -719,10 +743,13 @@ def _left_cosines(a0: np.ndarray, s0: np.ndarray, basis: np.ndarray, y: np.ndarr
     """|cos| of each tuned left vector (columns of y) with every pretrained left singular vector: (r0, k).
 
     When W was transposed its left vectors are the basis itself. Otherwise they are u0_i = A0 v0_i / s0_i, and
-    U0^T y = diag(1/s0) V0^T (A0^T y) without forming U0; directions with s0_i below the Gram matrix's resolution
-    (max(m, n) sqrt(eps) s0_max) are numerically in the null space, have no defined vector, and are left out.
+    U0^T y = diag(1/s0) V0^T (A0^T y) without forming U0; directions with s0_i below the resolved floor (as for
+    the relative changes) have no well-defined vector and are left out. A zero W0 has no singular directions at
+    all: every tuned vector is then new (cosine 0).
     """
+    if not s0[0] > 0:
+        return np.zeros((1, y.shape[1]))
     if transposed:
         return np.abs(_mm(basis.T, y))
-    keep = s0 > max(a0.shape) * math.sqrt(_EPS64) * s0[0]
+    keep = s0 >= _resolved_floor(s0, a0.shape[1])
     return np.abs(_mm(basis[:, keep].T, _mm(a0.T, y)) / s0[keep, None])

@@ -487,3 +487,45 @@ def test_relative_changes_of_unresolved_values_are_left_out() -> None:
     row = report.summary.iloc[0]
     assert row["rel_change_max_abs"] == pytest.approx(1e-3 / 5.0, rel=1e-6)
     assert row["rel_change_mean_abs"] == pytest.approx(1e-3 / 5.0 / 39, rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rank", [4, None])
+def test_half_precision_updates_are_analysed_exactly(dtype: torch.dtype, rank: int | None) -> None:
+    """Half-precision entries take the Gram route (their rounding is too coarse for the low-rank test)."""
+    g = torch.Generator().manual_seed(3)
+    w0 = torch.randn(192, 128, generator=g).to(dtype)
+    if rank is None:
+        dw = (0.1 * torch.randn(192, 128, generator=g)).to(dtype)
+    else:
+        dw = (torch.randn(192, rank, generator=g) @ torch.randn(rank, 128, generator=g)).to(dtype)
+    report = spectra_report({"w": (w0, dw)}, k=4)
+    ref = dense_reference(w0.double(), dw.double(), 4)
+    tuned = torch.tensor(report.values.loc[report.values["which"] == "tuned", "value"].to_numpy())
+    torch.testing.assert_close(tuned, ref["s1"], rtol=1e-9, atol=1e-9)
+    assert int(report.summary["update_rank"].iloc[0]) == (128 if rank is None else rank)
+
+
+def test_update_rank_ignores_the_gram_routes_noise_floor() -> None:
+    """A float64 update of rank 80 (above the probes) goes through the Gram route; its zeros read ~1e-8 s_max."""
+    g = torch.Generator().manual_seed(4)
+    dw = torch.randn(200, 80, generator=g, dtype=torch.float64) @ torch.randn(80, 140, generator=g, dtype=torch.float64)
+    row = spectra_report({"w": (torch.randn(200, 140, generator=g, dtype=torch.float64), dw)}, k=3).summary.iloc[0]
+    assert row["update_rank"] == int(torch.linalg.matrix_rank(dw)) == 80
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(60, 40), (40, 60)])
+def test_a_zero_pretrained_matrix_makes_every_tuned_direction_new(rows: int, cols: int) -> None:
+    g = torch.Generator().manual_seed(5)
+    dw = torch.randn(rows, 2, generator=g) @ torch.randn(2, cols, generator=g)
+    report = spectra_report({"w": (torch.zeros(rows, cols), dw)}, k=3)
+    assert report.summary["intruders"].iloc[0] == 3 and (report.intruders["max_cos"] == 0).all()
+
+
+def test_impossible_requests_are_refused() -> None:
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        spectra_report({"w": (torch.ones(4, 3), torch.zeros(4, 3))}, k=0)
+    with pytest.raises(ValueError, match="is empty"):
+        spectra_report({"w": (torch.ones(0, 3), torch.zeros(0, 3))})
+    with pytest.raises(ValueError, match="non-empty"):
+        decompose({"w": torch.ones(3, 0)})

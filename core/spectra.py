@@ -173,10 +173,16 @@ def _long_side(av: np.ndarray) -> np.ndarray:
     return q * np.where(np.diagonal(r) < 0, -1.0, 1.0)
 
 
-def _gram_svd(a: np.ndarray, vectors: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """All singular values of the tall ``a`` (descending) and its leading ``vectors`` right singular vectors."""
-    lam, v = _eigh_desc(_lapack.gram_lower(a), vectors)
+def _svd_of_gram(g: np.ndarray, vectors: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """All singular values (descending) and the leading ``vectors`` right singular vectors of a matrix A, from its
+    Gram matrix g = A^T A (lower triangle read)."""
+    lam, v = _eigh_desc(g, vectors)
     return np.sqrt(np.clip(lam, 0.0, None)), v
+
+
+def _gram_svd(a: np.ndarray, vectors: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """``_svd_of_gram`` of the tall ``a``."""
+    return _svd_of_gram(_lapack.gram_lower(a), vectors)
 
 
 def singular_values(mats: Tensor) -> Tensor:
@@ -210,10 +216,6 @@ class MatrixSVD:
     U: Tensor | None = None
     V: Tensor | None = None
     basis: Tensor | None = None
-
-    @property
-    def has_vectors(self) -> bool:
-        return self.U is not None and self.V is not None
 
 
 def _matrix_svd(s: np.ndarray, v: np.ndarray, long: np.ndarray, transposed: bool) -> MatrixSVD:
@@ -288,10 +290,8 @@ def _analyse_update(d: np.ndarray, norm: float, eps: float) -> _Update:
             break
         q = _qr(_mm(d, omega[:, :p]))[0]
         small = _mm(q.T, d)  # (p, n)
-        if eps > 1e-10:
-            resid = math.sqrt(max(norm**2 - float(np.einsum("ij,ij->", small, small)), 0.0))
-        else:
-            resid = _norm(d - _mm(q, small))
+        exact = eps <= 1e-10  # float64 entries: the explicit difference
+        resid = _norm(d - _mm(q, small)) if exact else math.sqrt(max(norm**2 - _norm(small) ** 2, 0.0))
         if resid <= tol:
             us, ss, vt = scipy.linalg.svd(small, full_matrices=False, check_finite=False)
             r = int((ss > tol).sum())
@@ -316,8 +316,8 @@ class _Pretrained(NamedTuple):
 
 def _pretrained(a0: np.ndarray, with_vectors: bool) -> _Pretrained:
     g = _lapack.gram_lower(a0)
-    lam, v = _eigh_desc(g, a0.shape[1] if with_vectors else 0)
-    return _Pretrained(np.sqrt(np.clip(lam, 0.0, None)), v, g if v is None else None)
+    s, v = _svd_of_gram(g, a0.shape[1] if with_vectors else 0)
+    return _Pretrained(s, v, g if v is None else None)
 
 
 def _tuned_svd(
@@ -342,14 +342,14 @@ def _tuned_svd(
             g[np.diag_indices_from(g)] += np.square(pre.s)
         else:
             g += pre.gram  # its upper triangle is zero: only the lower one is read
-        lam, y = _eigh_desc(g, vectors)
+        s, y = _svd_of_gram(g, vectors)
         v = y if y is None or pre.basis is None else _mm(pre.basis, y)
         av = None if v is None else _mm(a0, v) + _mm(left, _mm(right.T, v))
     else:
         a1 = a0 + d
-        lam, v = _eigh_desc(_lapack.gram_lower(a1), vectors)
+        s, v = _gram_svd(a1, vectors)
         av = None if v is None else _mm(a1, v)
-    return np.sqrt(np.clip(lam, 0.0, None)), v, None if av is None else _long_side(av)
+    return s, v, None if av is None else _long_side(av)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -463,17 +463,6 @@ def stable_rank(s: Tensor) -> Tensor:
     return torch.where(top > 0, s.square().sum(-1) / torch.where(top > 0, top, 1.0).square(), 0.0)
 
 
-def numerical_rank(s: Tensor, shape: tuple[int, int], eps: float | None = None) -> Tensor:
-    """Count of values above max(shape) * eps * max(s), the tolerance of ``torch.linalg.matrix_rank``.
-
-    ``eps`` defaults to that of s's dtype; pass the precision of the matrix itself (float32's for float32
-    weights) when s was computed in higher precision, so that its rounding does not count as rank.
-    """
-    eps = torch.finfo(s.dtype).eps if eps is None else eps
-    tol = max(shape) * eps * s.amax(-1, keepdim=True)
-    return ((s > tol) & (s > 0)).sum(-1)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # 4. The report
 # ----------------------------------------------------------------------------------------------------------------
@@ -570,6 +559,19 @@ class _MatrixResult(NamedTuple):
     is_intruder: np.ndarray | None
 
 
+def _check_cached(name: str, cached: MatrixSVD, n: int, w0_norm: float) -> None:
+    """Refuse a pretrained decomposition of another shape, or of other weights (its squared singular values must
+    sum to ||W0||_F^2)."""
+    if cached.S.shape != (n,) or (cached.basis is not None and cached.basis.shape != (n, n)):
+        raise ValueError(f"{name}: the pretrained decomposition does not match W0 (short side {n})")
+    total = float(np.square(cached.S.numpy()).sum())
+    if not math.isclose(total, w0_norm**2, rel_tol=1e-5):
+        raise ValueError(
+            f"{name}: the pretrained decomposition was computed from other weights (its squared singular values "
+            f"sum to {total:.6g}, ||W0||_F^2 is {w0_norm**2:.6g}): recompute it"
+        )
+
+
 def _analyse_matrix(
     name: str,
     pair: tuple[Tensor, Tensor],
@@ -584,11 +586,8 @@ def _analyse_matrix(
     d, _, d_norm = _orient(dw)
     n = a0.shape[1]
     kk = min(k, n) if with_vectors else 0
-    if cached is not None and not math.isclose(float(np.square(cached.S.numpy()).sum()), w0_norm**2, rel_tol=1e-5):
-        raise ValueError(
-            f"{name}: the pretrained decomposition was computed from other weights (its squared singular values "
-            f"sum to {float(np.square(cached.S.numpy()).sum()):.6g}, ||W0||_F^2 is {w0_norm**2:.6g}): recompute it"
-        )
+    if cached is not None:
+        _check_cached(name, cached, n, w0_norm)
     if cached is not None and (cached.basis is not None or not with_vectors):
         pre = _Pretrained(cached.S.numpy(), None if cached.basis is None else cached.basis.numpy(), None)
     else:
@@ -698,12 +697,6 @@ def spectra_report(
             raise ValueError(f"{name}: W0 {tuple(w0.shape)} and dW {tuple(dw.shape)} must be matrices of one shape")
         if 0 in w0.shape:
             raise ValueError(f"{name}: W0 {tuple(w0.shape)} is empty")
-        cached = (pretrained or {}).get(name)
-        if cached is not None and (
-            cached.S.shape != (min(w0.shape),)
-            or (cached.basis is not None and cached.basis.shape != (min(w0.shape),) * 2)
-        ):
-            raise ValueError(f"{name}: the pretrained decomposition does not match W0 {tuple(w0.shape)}")
 
     cache = pretrained or {}
     results = _parallel_map(

@@ -9,17 +9,27 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import tempfile
+import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
 from core import methods
 from core.backbone import BackboneSpec, build_backbone, skeleton
 from core.data import DataSpec, load_data
+from core.intrinsic_dim import (
+    IntrinsicDimConfig,
+    IntrinsicDimResult,
+    measure_intrinsic_dimension,
+    representation_dimension,
+    resolve_groups,
+)
 from core.runs import RunStore
 from core.train import Callback, CancelToken, StepInfo, TrainConfig, TrainResult, train
 
@@ -76,6 +86,27 @@ class StoreLogger(Callback):
             self.rows = []
 
 
+class CancelWatch(Callback):
+    """Stops the training when someone asks the store to cancel the run (`RunStore.request_cancel`): from the
+    command line, another browser session or the job engine. Looks at most every ``every_s`` seconds."""
+
+    def __init__(self, store: RunStore, run_id: str, token: CancelToken, every_s: float = 1.0) -> None:
+        self.store, self.run_id, self.token, self.every_s = store, run_id, token, every_s
+        self.last = 0.0
+
+    def on_step(self, info: StepInfo) -> None:
+        self.check()
+
+    def check(self) -> bool:
+        """Whether the run is to stop (asking the store at most every ``every_s`` seconds)."""
+        now = time.monotonic()
+        if not self.token.cancelled and now - self.last >= self.every_s:
+            self.last = now
+            if self.store.cancel_requested(self.run_id):
+                self.token.cancel()
+        return self.token.cancelled
+
+
 def check_options(experiment: Experiment) -> dict[str, Any]:
     """Validate the method and its options against the backbone's shape, cheaply (a weightless meta-device
     model), so a bad option fails before anything is recorded or loaded. Returns the options with defaults."""
@@ -85,31 +116,43 @@ def check_options(experiment: Experiment) -> dict[str, Any]:
     return methods.adapter_state(model).config.to_dict()
 
 
-def run_experiment(
-    experiment: Experiment,
-    store: RunStore,
-    callbacks: Sequence[Callback] = (),
-    cancel: CancelToken | None = None,
-    data_root: Path | None = None,
-) -> str:
-    """Run one fine-tune and record it; returns the run id (also for cancelled and diverged runs).
-
-    Raises:
-        ValueError: a bad method or option (before anything is recorded). Errors after the run was recorded are
-            re-raised after the run is marked ``failed`` with the message.
-    """
-    check_options(experiment)
-    record = {
+def experiment_record(experiment: Experiment, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the run store records of a fine-tune before it starts (``options``: the checked options, if known)."""
+    return {
+        "kind": "finetune",
         "label": experiment.label,
         "method": experiment.method,
-        "method_options": experiment.options,
+        "method_options": experiment.options if options is None else options,
         "backbone": dataclasses.asdict(experiment.backbone),
         "dataset": experiment.data.to_dict(),
         "normalization": experiment.data.normalization,
         "seed": experiment.train.seed,
         "train_config": experiment.train.to_dict(),
     }
-    run_id = store.create_run(record)
+
+
+def run_experiment(
+    experiment: Experiment,
+    store: RunStore,
+    callbacks: Sequence[Callback] = (),
+    cancel: CancelToken | None = None,
+    data_root: Path | None = None,
+    run_id: str | None = None,
+) -> str:
+    """Run one fine-tune and record it; returns the run id (also for cancelled and diverged runs).
+
+    ``store`` is a `RunStore`, or a worker's proxy of one (`core.jobs.RemoteStore`): everything goes through its
+    methods, the adapter too (as bytes), so the worker needs no access to the store's disk. With ``run_id`` the
+    run was recorded beforehand (queued, by the job engine) and started by the caller; a cancel asked of it in the
+    store stops the training before its next step.
+
+    Raises:
+        ValueError: a bad method or option (before anything is recorded). Errors after the run was recorded are
+            re-raised after the run is marked ``failed`` with the message.
+    """
+    if run_id is None:
+        run_id = store.create_run(experiment_record(experiment, check_options(experiment)))
+    cancel = cancel or CancelToken()
     try:
         bundle = load_data(experiment.data, data_root)
         model, info = build_backbone(experiment.backbone_spec(bundle.num_classes))
@@ -122,9 +165,12 @@ def run_experiment(
             trainable_params=methods.count_trainable(model, include_head=False),
             trainable_params_with_head=methods.count_trainable(model, include_head=True),
         )
-        result = train(model, bundle, experiment.train, [StoreLogger(store, run_id), *callbacks], cancel)
+        loggers = [StoreLogger(store, run_id), CancelWatch(store, run_id, cancel)]
+        result = train(model, bundle, experiment.train, [*loggers, *callbacks], cancel)
         if result.status == "completed":
-            methods.save_adapter(model.cpu(), store.adapter_path(run_id))
+            with tempfile.TemporaryDirectory() as folder:
+                path = methods.save_adapter(model.cpu(), Path(folder) / "adapter.safetensors")
+                store.write_adapter(run_id, Path(path).read_bytes())
     except BaseException as exc:
         message = f"{type(exc).__name__}: {exc}"
         if not isinstance(exc, ValueError | KeyboardInterrupt):
@@ -180,3 +226,133 @@ def run_weight_updates(store: RunStore, run_id: str) -> dict[str, tuple[torch.Te
                 w0, w1 = block0.get_submodule(path).weight, block1.get_submodule(path).weight
                 updates.update(methods.matrix_entries(f"blocks.{b}.{path}", w0, w1 - w0))
     return updates
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Intrinsic-dimension measurements, recorded in the run store as their own kind of record
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class IntrinsicDimRequest:
+    """What to measure: the data, the backbone (built at the data's size and class count), the parameter groups
+    (a scheme name or targets strings) and the measurement settings; optionally the representation-dimension proxy."""
+
+    data: DataSpec = field(default_factory=lambda: DataSpec(name="digits", img_size=56, n_train=500, n_val=200))
+    backbone: BackboneSpec = field(default_factory=BackboneSpec)
+    groups: str | tuple[str, ...] = "attn-mlp"
+    config: IntrinsicDimConfig = field(default_factory=IntrinsicDimConfig)
+    representation: bool = False
+    label: str | None = None
+
+    def group_list(self) -> str | list[str]:
+        return self.groups if isinstance(self.groups, str) else list(self.groups)
+
+
+def measurement_record(request: IntrinsicDimRequest) -> dict[str, Any]:
+    """What the run store records of a measurement before it starts; checks the backbone and the groups first.
+
+    Raises:
+        ValueError: a bad backbone, size or group (nothing is recorded).
+    """
+    spec = dataclasses.replace(request.backbone, img_size=request.data.img_size)
+    resolve_groups(request.group_list(), len(skeleton(spec).blocks))
+    return {
+        "kind": "intrinsic_dim",
+        "label": request.label,
+        "method": None,
+        "method_options": {"groups": request.group_list(), "representation": request.representation},
+        "backbone": dataclasses.asdict(request.backbone),
+        "dataset": request.data.to_dict(),
+        "normalization": request.data.normalization,
+        "seed": request.config.seed,
+        "train_config": dataclasses.asdict(request.config),
+    }
+
+
+def measurement_result(
+    result: IntrinsicDimResult, representation: pd.DataFrame | None, backbone: str
+) -> dict[str, Any]:
+    """A finished measurement as the JSON the run store keeps (``result`` column); pages rebuild frames from it."""
+    return {
+        "backbone": backbone,
+        "curves": result.curves.to_dict("records"),
+        "groups": result.table().to_dict("records"),
+        "head_only_accuracy": result.head_only_accuracy,
+        "majority_rate": result.majority_rate,
+        "recommended": result.recommended,
+        "explanation": result.explanation,
+        "notes": list(result.notes),
+        "cancelled": result.cancelled,
+        "depth": result.depth,
+        "representation": None if representation is None else representation.to_dict("records"),
+    }
+
+
+def run_intrinsic_dim(
+    request: IntrinsicDimRequest,
+    store: RunStore,
+    cancel: CancelToken | None = None,
+    data_root: Path | None = None,
+    run_id: str | None = None,
+    on_trial: Callable[[dict[str, Any]], None] | None = None,
+) -> str:
+    """Measure d90 per group and record the measurement (``kind = intrinsic_dim``); returns its run id.
+
+    Every trial is added to the record's ``result.trials`` as it finishes, so a page shows the curves live and a
+    reload finds them. A cancel asked of it in the store stops it before the next training step of a trial; the
+    groups it did not measure say so. ``store``, ``run_id`` and cancelling work as in `run_experiment`.
+
+    Raises:
+        ValueError: a bad backbone or group (before anything is recorded).
+    """
+    if run_id is None:
+        run_id = store.create_run(measurement_record(request))
+    cancel = cancel or CancelToken()
+    watch = CancelWatch(store, run_id, cancel)
+    trials: list[dict[str, Any]] = []
+    try:
+        data = load_data(request.data, data_root)
+        spec = dataclasses.replace(request.backbone, img_size=request.data.img_size, num_classes=data.num_classes)
+        model, info = build_backbone(spec)
+        store.update_run(run_id, weights=info.to_dict(), result={"trials": trials, "phase": "measuring"})
+
+        def trial_done(group: str, d: int, accuracy: float) -> None:
+            first = all(t["group"] != group for t in trials)  # each group starts with its full baseline
+            kind, target = ("full", request.config.threshold * accuracy) if first else ("subspace", None)
+            trial = {"group": group, "d": d, "accuracy": accuracy, "kind": kind, "target": target}
+            trials.append(trial)
+            store.update_run(run_id, steps=len(trials), result={"trials": trials, "phase": "measuring"})
+            if on_trial is not None:
+                on_trial(trial)
+
+        started = time.perf_counter()
+        result = measure_intrinsic_dimension(
+            model,
+            data.train,
+            data.val,
+            request.group_list(),
+            request.config,
+            on_trial=trial_done,
+            should_stop=watch.check,
+        )
+        representation = None
+        if request.representation and not result.cancelled:
+            representation = representation_dimension(model, data.val, max_images=128, max_points=1000)
+        summary = measurement_result(result, representation, info.description)
+    except BaseException as exc:
+        status = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
+        store.finish_run(run_id, status, f"{type(exc).__name__}: {exc}", result={"trials": trials})
+        raise
+    status = "cancelled" if result.cancelled else "completed"
+    message = f"recommended targets: {result.recommended}" if result.recommended else "no group reached its target"
+    if result.cancelled:
+        message = f"cancelled after {len(trials)} trials; the groups it did not measure say so"
+    store.finish_run(
+        run_id,
+        status,
+        message,
+        result={"trials": trials, **summary},
+        steps=len(trials),
+        wall_time_s=time.perf_counter() - started,
+        device=str(next(model.parameters()).device),
+    )
+    return run_id

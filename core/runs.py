@@ -51,6 +51,7 @@ import pandas as pd
 __all__ = [
     "ACTIVE_STATUSES",
     "FINISHED_STATUSES",
+    "KINDS",
     "RUN_COLUMNS",
     "SCHEMA_VERSION",
     "STATUSES",
@@ -81,7 +82,7 @@ FINISHED_STATUSES = ("completed", "cancelled", "diverged", "failed", "interrupte
 # The schema (the one place it is written down)
 # ------------------------------------------------------------------------------------------------------------
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,15 @@ RUN_COLUMNS: tuple[Column, ...] = (
     Column("pid", "int", "process id of the writer", system=True),
     Column("hostname", "text", "host of the writer", system=True),
     Column("heartbeat_at", "text", "UTC ISO time of the writer's last sign of life", system=True),
+    Column("kind", "text", "what the record is: 'finetune' or 'intrinsic_dim' (a measurement)", since=2),
+    Column("node", "text", "Ray node id of the worker that ran it (empty when it ran in the calling process)", since=2),
+    Column("resources", "json", "what its job reserved, e.g. {'CPU': 2, 'GPU': 0}", since=2),
+    Column("owner", "text", "who started it (the app's signed-in user), when known", since=2),
+    Column("sweep_id", "text", "the sweep it is a point of, if any", since=2),
+    Column("result", "json", "a measurement's result (intrinsic dimension: settings, trials, d90 per group)", since=2),
+    Column("cancel_requested_at", "text", "UTC ISO time a cancel was asked for a running job", system=True, since=2),
 )
+KINDS = ("finetune", "intrinsic_dim")
 
 _METRICS_DDL = """
 CREATE TABLE IF NOT EXISTS metrics (
@@ -159,8 +168,10 @@ CREATE INDEX IF NOT EXISTS runs_by_created ON runs(created_at);
 _DTYPES = {"int": "Int64", "real": "float64"}
 _METRIC_KEYS = ("step", "epoch", "split", "name", "value", "time")
 
-_MIGRATION_STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {}
-"""Data changes beyond added columns, by the version they lead to (none yet)."""
+_MIGRATION_STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    2: lambda conn: conn.execute("UPDATE runs SET kind = 'finetune' WHERE kind IS NULL"),
+}
+"""Data changes beyond added columns, by the version they lead to."""
 
 
 def migrate(conn: sqlite3.Connection) -> None:
@@ -512,7 +523,9 @@ class RunStore:
         """
         if status not in ACTIVE_STATUSES:
             raise ValueError(f"a new run is 'running' or 'queued', not {status!r}; use finish_run to end it")
-        values = self._fields({"versions": package_versions(), **record}, "create_run")
+        values = self._fields({"versions": package_versions(), "kind": "finetune", **record}, "create_run")
+        if values["kind"] not in KINDS:
+            raise ValueError(f"a run's kind is one of {', '.join(KINDS)}, not {values['kind']!r}")
         now = _now()
         values |= {"created_at": now, "status": status, "pid": os.getpid()}
         values |= {"hostname": socket.gethostname(), "heartbeat_at": now}
@@ -532,23 +545,74 @@ class RunStore:
         (self.runs_path / values["id"]).mkdir(parents=True, exist_ok=True)
         return values["id"]
 
-    def start_run(self, run_id: str) -> None:
-        """Move a ``queued`` run to ``running``, with this process as its writer.
+    def start_run(
+        self, run_id: str, pid: int | None = None, hostname: str | None = None, node: str | None = None
+    ) -> None:
+        """Move a ``queued`` run to ``running``, with its worker as the writer.
+
+        Args:
+            run_id: The run.
+            pid, hostname: The worker process that runs it (default: this process), so that `recover` can tell
+                when it died.
+            node: The Ray node id of the worker, when it runs on Ray.
 
         Raises:
-            ValueError: the run is not queued.
+            ValueError: the run is not queued (e.g. it was cancelled while it waited).
         """
         now = _now()
+        pid = os.getpid() if pid is None else pid
+        hostname = socket.gethostname() if hostname is None else hostname
         with self._write() as conn:
             run_id = self._resolve(conn, run_id)
             cursor = conn.execute(
-                "UPDATE runs SET status = 'running', pid = ?, hostname = ?, heartbeat_at = ? "
+                "UPDATE runs SET status = 'running', pid = ?, hostname = ?, node = ?, heartbeat_at = ? "
                 "WHERE id = ? AND status = 'queued'",
-                (os.getpid(), socket.gethostname(), now, run_id),
+                (pid, hostname, node, now, run_id),
             )
             if cursor.rowcount == 0:
                 status = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
                 raise ValueError(f"run {run_id} is {status}, not queued; only a queued run can start")
+
+    def request_cancel(self, run_id: str) -> str:
+        """Cancel a run: a queued one ends ``cancelled`` at once; a running one is asked to stop (its worker sees
+        `cancel_requested` before its next step and ends it ``cancelled`` with the step it reached). Returns the
+        run's status afterwards (``cancelled``, ``running`` until the worker stops, or how it had already ended).
+        """
+        now = _now()
+        with self._write() as conn:
+            run_id = self._resolve(conn, run_id)
+            status = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
+            if status == "queued":
+                conn.execute(
+                    "UPDATE runs SET status = 'cancelled', message = 'cancelled while queued', steps = 0, "
+                    "cancel_requested_at = ?, finished_at = ? WHERE id = ?",
+                    (now, now, run_id),
+                )
+                return "cancelled"
+            if status == "running":
+                conn.execute("UPDATE runs SET cancel_requested_at = ? WHERE id = ?", (now, run_id))
+            return status
+
+    def cancel_requested(self, run_id: str) -> bool:
+        """Whether someone asked this run to stop (`request_cancel`)."""
+        conn = self._conn()
+        row = conn.execute("SELECT cancel_requested_at FROM runs WHERE id = ?", (self._resolve(conn, run_id),))
+        return row.fetchone()[0] is not None
+
+    def queue_position(self, run_id: str) -> int | None:
+        """1 for the next queued run to start among those waiting for the same resources, 2 for the one after,
+        ...; None when the run is not queued. Ray starts work that needs the same resources in submission order."""
+        conn = self._conn()
+        run_id = self._resolve(conn, run_id)
+        row = conn.execute("SELECT status, resources, created_at FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row["status"] != "queued":
+            return None
+        ahead = conn.execute(
+            "SELECT COUNT(*) FROM runs WHERE status = 'queued' AND resources IS ? AND (created_at < ? OR "
+            "(created_at = ? AND id < ?))",
+            (row["resources"], row["created_at"], row["created_at"], run_id),
+        ).fetchone()[0]
+        return int(ahead) + 1
 
     def update_run(self, run_id: str, **fields: Any) -> None:
         """Set record fields of a run (e.g. ``steps=120, best_val_acc=0.81``) and refresh its heartbeat.
@@ -651,6 +715,14 @@ class RunStore:
             )
             self._touch(conn, run_id)
 
+    def write_adapter(self, run_id: str, data: bytes) -> Path:
+        """Store a run's adapter file from its bytes (what a worker on another node sends back), atomically."""
+        path = self.adapter_path(run_id)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_bytes(data)
+        os.replace(partial, path)
+        return path
+
     def record_adapter(self, run_id: str) -> Path:
         """Record the adapter file the trainer wrote at `adapter_path` (`finish_run` does so by itself).
 
@@ -737,6 +809,8 @@ class RunStore:
         status: str | Iterable[str] | None = None,
         method: str | None = None,
         dataset: str | None = None,
+        kind: str | None = "finetune",
+        sweep_id: str | None = None,
     ) -> pd.DataFrame:
         """All runs matching the filters, newest first, one flat row each.
 
@@ -748,6 +822,8 @@ class RunStore:
             status: One status or several.
             method: Method name.
             dataset: Dataset name (``dataset["name"]``, or ``dataset`` itself when it is a string).
+            kind: ``finetune`` (the default), ``intrinsic_dim``, or None for every kind.
+            sweep_id: Only the points of this sweep.
 
         Raises:
             ValueError: an unknown status.
@@ -763,6 +839,10 @@ class RunStore:
         if method is not None:
             clauses.append("method = ?")
             params.append(method)
+        for column, value in (("kind", kind), ("sweep_id", sweep_id)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self._conn().execute(f"SELECT * FROM runs {where} ORDER BY created_at DESC, id DESC", params)
         records = [_decode(row) for row in rows.fetchall()]

@@ -454,15 +454,57 @@ def test_migration_adds_new_columns_and_refuses_newer_stores(tmp_path: Path, mon
     run_id = store.create_run(RECORD)
     store.log_metrics(run_id, [dict(step=0, split="train", name="loss", value=1.0)])
 
-    monkeypatch.setattr(R, "SCHEMA_VERSION", 2)
-    monkeypatch.setattr(R, "RUN_COLUMNS", (*R.RUN_COLUMNS, R.Column("gpu_name", "text", "accelerator", since=2)))
+    newer = R.SCHEMA_VERSION + 1
+    monkeypatch.setattr(R, "SCHEMA_VERSION", newer)
+    monkeypatch.setattr(R, "RUN_COLUMNS", (*R.RUN_COLUMNS, R.Column("gpu_name", "text", "accelerator", since=newer)))
     store = RunStore(tmp_path)
-    assert _sql(tmp_path, "PRAGMA user_version") == [(2,)]
+    assert _sql(tmp_path, "PRAGMA user_version") == [(newer,)]
     assert "gpu_name" in [row[1] for row in _sql(tmp_path, "PRAGMA table_info(runs)")]
     store.update_run(run_id, gpu_name="H100")
     run = store.get_run(run_id)
     assert (run["gpu_name"], run["method_options"], len(store.metrics(run_id))) == ("H100", RECORD["method_options"], 1)
 
-    _sql(tmp_path, "PRAGMA user_version = 7")
-    with pytest.raises(RuntimeError, match="schema version 7 but this PETLab knows versions up to 2"):
+    _sql(tmp_path, "PRAGMA user_version = 70")
+    with pytest.raises(RuntimeError, match=f"schema version 70 but this PETLab knows versions up to {newer}"):
         RunStore(tmp_path)
+
+
+def test_version_1_store_gains_the_job_columns_and_its_runs_stay_fine_tunes(tmp_path: Path) -> None:
+    store = RunStore(tmp_path)
+    run_id = store.create_run(RECORD)
+    store.close()
+    # Back to the version-1 layout: the columns added since, and the version number.
+    with sqlite3.connect(tmp_path / R.DB_NAME) as conn:
+        for column in R.RUN_COLUMNS:
+            if column.since > 1:
+                conn.execute(f"ALTER TABLE runs DROP COLUMN {column.name}")
+        conn.execute("PRAGMA user_version = 1")
+    store = RunStore(tmp_path)
+    assert _sql(tmp_path, "PRAGMA user_version") == [(R.SCHEMA_VERSION,)]
+    assert store.get_run(run_id)["kind"] == "finetune"
+    assert list(store.list_runs()["id"]) == [run_id]
+    assert store.list_runs(kind="intrinsic_dim").empty
+
+
+def test_cancel_ends_a_queued_run_at_once_and_flags_a_running_one(tmp_path: Path) -> None:
+    store = RunStore(tmp_path)
+    queued = store.create_run({**RECORD, "resources": {"CPU": 2}}, status="queued")
+    behind = store.create_run({**RECORD, "resources": {"CPU": 2}}, status="queued")
+    gpu = store.create_run({**RECORD, "resources": {"GPU": 1}}, status="queued")
+    assert [store.queue_position(r) for r in (queued, behind, gpu)] == [1, 2, 1]
+
+    assert store.request_cancel(queued) == "cancelled"
+    run = store.get_run(queued)
+    assert (run["status"], run["message"], run["steps"]) == ("cancelled", "cancelled while queued", 0)
+    assert store.queue_position(behind) == 1 and store.queue_position(queued) is None
+    with pytest.raises(ValueError, match="is cancelled, not queued"):
+        store.start_run(queued)
+
+    store.start_run(behind, pid=os.getpid(), hostname="worker-host", node="node-1")
+    run = store.get_run(behind)
+    assert (run["status"], run["hostname"], run["node"]) == ("running", "worker-host", "node-1")
+    assert not store.cancel_requested(behind)
+    assert store.request_cancel(behind) == "running"
+    assert store.cancel_requested(behind)
+    store.finish_run(behind, "completed")
+    assert store.request_cancel(behind) == "completed"  # nothing to cancel any more

@@ -1,0 +1,347 @@
+"""Long work on Ray: fine-tunes and intrinsic-dimension measurements run in worker processes, never in the caller.
+
+Read in this order:
+    1. Connecting: an embedded local Ray started on first use (no dashboard, one CPU per core), or an existing
+       cluster given by ``address`` / ``$PETLAB_RAY_ADDRESS`` (``ray start --head`` on a GPU box).
+    2. The job manager: one Ray actor per run store, on the node that holds the store. It is the store's single
+       writer for Ray work: it records each job ``queued``, submits it as a Ray task that reserves the job's
+       resources, writes what workers send back (progress, metrics, the adapter's bytes), and notices workers that
+       died. On an external cluster it is detached, so jobs go on while the app or the command restarts.
+    3. The worker: the same ``run_experiment`` / ``run_intrinsic_dim`` the in-process path runs, with a store proxy
+       that forwards every write to the manager, so a worker on another node needs no shared disk.
+    4. The caller's side: ``submit``, ``cancel``, ``wait``, the queue position; pages and the command line poll the
+       run store, which stays the single source of truth.
+
+Work that does not fit the free resources waits in Ray's queue; its run is ``queued`` in the store meanwhile. A CPU
+job reserves the CPUs its torch threads use (by default every core of one machine, so a 2-core laptop trains one
+fine-tune at a time); a GPU job reserves one GPU. Cancelling goes through the store (`RunStore.request_cancel`), so
+the command line, any browser session and a restarted app can cancel any job: a queued one ends at once, a running
+one stops before its next training step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from core.runs import FINISHED_STATUSES, RunStore, default_root
+
+if TYPE_CHECKING:
+    from core.experiment import Experiment, IntrinsicDimRequest
+
+ADDRESS_ENV = "PETLAB_RAY_ADDRESS"
+NAMESPACE = "petlab"
+WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+"""Environment of every worker process. Passive OpenMP threads sleep instead of spinning while they wait, so a
+fine-tune does not fight other work on a loaded machine (bench/bench_jobs.py measures the effect)."""
+POLL_S = 0.5
+"""How often the manager looks for finished or dead workers and for cancelled queued jobs."""
+
+JobKind = Literal["finetune", "intrinsic_dim"]
+_connect_lock = threading.Lock()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Connecting
+# ----------------------------------------------------------------------------------------------------------------
+def connect(address: str | None = None, num_cpus: int | None = None) -> str:
+    """Connect this process to Ray once; later calls return at once. Returns the cluster's address.
+
+    Args:
+        address: An existing cluster (``HOST:PORT`` of ``ray start --head``, or ``auto``); None means
+            ``$PETLAB_RAY_ADDRESS``, and when that is unset an embedded local Ray that lives as long as this process.
+        num_cpus: CPUs of the embedded Ray (default: this machine's cores); ignored for an existing cluster.
+    """
+    import ray
+
+    with _connect_lock:
+        if not ray.is_initialized():
+            address = address or os.environ.get(ADDRESS_ENV) or None
+            quiet = dict(logging_level=logging.ERROR, log_to_driver=False, namespace=NAMESPACE)
+            if address:
+                ray.init(address=address, **quiet)
+                _connection["cluster"] = True
+            else:  # "local" starts a new Ray even if another one runs on this machine
+                ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **quiet)
+        return ray.get_runtime_context().gcs_address
+
+
+def on_cluster() -> bool:
+    """Whether `connect` joined an existing cluster (jobs outlive this process) rather than the embedded Ray."""
+    return _connection["cluster"]
+
+
+_connection = {"cluster": False}
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What a job reserves. ``cpus`` None means every CPU of one node (the torch threads it runs)."""
+
+    cpus: int | None = None
+    gpus: int = 0
+
+    def resolved(self) -> dict[str, float]:
+        import ray
+
+        if self.gpus:
+            return {"CPU": float(self.cpus or 1), "GPU": float(self.gpus)}
+        if self.cpus is not None:
+            return {"CPU": float(self.cpus)}
+        per_node = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+        return {"CPU": max(per_node, default=1.0)}
+
+
+def default_resources(device: str = "auto") -> Resources:
+    """One GPU when the job asks for CUDA, or asks for ``auto`` and the cluster has a GPU; else one node's CPUs."""
+    import ray
+
+    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    if device.startswith("cuda") or (device == "auto" and has_gpu):
+        return Resources(cpus=1, gpus=1)
+    return Resources()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. The job manager
+# ----------------------------------------------------------------------------------------------------------------
+class _Manager:
+    """The run store's writer for Ray work (a Ray actor; see the module docstring)."""
+
+    def __init__(self, root: str) -> None:
+        self.store = RunStore(root)
+        self.pending: dict[str, Any] = {}  # run id -> the ObjectRef of its Ray task
+        self.lock = threading.Lock()
+        threading.Thread(target=self._watch, name="petlab-job-watch", daemon=True).start()
+
+    def ping(self) -> str:
+        return str(self.store.root)
+
+    def submit(self, kind: str, job: dict[str, Any], record: dict[str, Any], resources: dict[str, float]) -> str:
+        """Record the job ``queued`` and hand it to Ray; returns the run id at once."""
+        import ray
+
+        run_id = self.store.create_run({**record, "kind": kind, "resources": resources}, status="queued")
+        task = _execute_task().options(
+            num_cpus=resources.get("CPU", 1.0),
+            num_gpus=resources.get("GPU", 0.0),
+            max_retries=0,
+            runtime_env={"env_vars": WORKER_ENV},
+            name=f"petlab-{kind}-{run_id}",
+        )
+        with self.lock:
+            self.pending[run_id] = task.remote(kind, job, run_id, ray.get_runtime_context().current_actor)
+        return run_id
+
+    def store_call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """A store method, for a worker (`RemoteStore`)."""
+        if name not in RemoteStore.FORWARDED:
+            raise ValueError(f"workers may not call RunStore.{name}")
+        return getattr(self.store, name)(*args, **kwargs)
+
+    def _watch(self) -> None:
+        import ray
+
+        while True:
+            time.sleep(POLL_S)
+            with self.lock:
+                pending = dict(self.pending)
+            if not pending:
+                continue
+            done, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=0)
+            for run_id, ref in pending.items():
+                if ref in done:
+                    self._finished(run_id, ref)
+                elif self.store.get_run(run_id)["status"] == "cancelled":  # cancelled while it waited
+                    ray.cancel(ref, force=False)
+                    self._forget(run_id)
+
+    def _finished(self, run_id: str, ref: Any) -> None:
+        """A task returned or died: a run it left unfinished (a killed worker) ends ``interrupted``."""
+        import ray
+
+        try:
+            ray.get(ref)
+            problem = None
+        except Exception as exc:  # noqa: BLE001 - any failure of the task
+            problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        run = self.store.get_run(run_id)
+        if run["status"] not in FINISHED_STATUSES:
+            why = problem or "its worker ended without finishing the run"
+            self.store.finish_run(run_id, "interrupted", f"interrupted: its worker died ({why})")
+        self._forget(run_id)
+
+    def _forget(self, run_id: str) -> None:
+        with self.lock:
+            self.pending.pop(run_id, None)
+
+
+def manager(root: Path | str | None = None, address: str | None = None) -> Any:
+    """The job manager of the run store under ``root`` (created on this node on first use), connecting first."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    connect(address)
+    folder = str(Path(root).expanduser().resolve() if root is not None else default_root().resolve())
+    if folder in _managers:
+        return _managers[folder]
+    name = "petlab-jobs-" + hashlib.sha1(f"{socket.gethostname()}:{folder}".encode()).hexdigest()[:16]
+    options: dict[str, Any] = dict(
+        name=name,
+        namespace=NAMESPACE,
+        get_if_exists=True,
+        num_cpus=0,
+        max_concurrency=64,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
+    )
+    if on_cluster():
+        options["lifetime"] = "detached"  # jobs on a cluster outlive the app or command that started them
+    handle = ray.remote(_Manager).options(**options).remote(folder)
+    ray.get(handle.ping.remote())
+    _managers[folder] = handle  # an embedded Ray's manager lives while a handle does: keep one for the process
+    return handle
+
+
+_managers: dict[str, Any] = {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. The worker
+# ----------------------------------------------------------------------------------------------------------------
+class RemoteStore:
+    """What a worker sees of the run store: each write goes to the job manager, which owns the store."""
+
+    FORWARDED = frozenset(
+        {"start_run", "update_run", "log_metrics", "finish_run", "write_adapter", "cancel_requested", "get_run"}
+    )
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        import ray
+
+        return ray.get(self.handle.store_call.remote(name, *args, **kwargs))
+
+    def start_run(self, run_id: str) -> None:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        self._call("start_run", run_id, pid=os.getpid(), hostname=socket.gethostname(), node=node)
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name not in self.FORWARDED:
+            raise AttributeError(name)
+        return lambda *args, **kwargs: self._call(name, *args, **kwargs)
+
+
+def _execute(kind: str, job: dict[str, Any], run_id: str, handle: Any) -> None:
+    """A Ray task: run one job, with the worker's torch threads set to the CPUs it reserved."""
+    import ray
+    import torch
+
+    from core import experiment
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    torch.set_num_threads(max(1, int(cpus)))
+    store = RemoteStore(handle)
+    try:
+        store.start_run(run_id)
+    except ValueError:
+        return  # cancelled while it waited
+    run = experiment.run_experiment if kind == "finetune" else experiment.run_intrinsic_dim
+    run(job["spec"], store, data_root=job["data_root"], run_id=run_id)
+
+
+_remote_execute: Any = None
+
+
+def _execute_task() -> Any:
+    """`_execute` as a Ray remote function (made once per process, after Ray is imported)."""
+    import ray
+
+    global _remote_execute
+    if _remote_execute is None:
+        _remote_execute = ray.remote(_execute)
+    return _remote_execute
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. The caller's side
+# ----------------------------------------------------------------------------------------------------------------
+def submit(
+    kind: JobKind,
+    spec: Experiment | IntrinsicDimRequest,
+    root: Path | str | None = None,
+    *,
+    address: str | None = None,
+    resources: Resources | None = None,
+    data_root: Path | None = None,
+    owner: str | None = None,
+    sweep_id: str | None = None,
+) -> str:
+    """Validate a fine-tune (``Experiment``) or a measurement (``IntrinsicDimRequest``), record it ``queued`` and
+    hand it to Ray; returns its run id at once. It starts when its resources are free.
+
+    Args:
+        kind: ``finetune`` or ``intrinsic_dim``.
+        spec: What to run.
+        root: The run store folder (default `default_root`).
+        address: A Ray cluster (default ``$PETLAB_RAY_ADDRESS``, else the embedded local Ray).
+        resources: What the job reserves (default `default_resources` for the spec's device).
+        data_root: Folder that ``folder:`` and ``vtab:`` paths must lie in, on the worker's node.
+        owner: Who starts it (recorded; the app lets only its owner cancel it when sign-in is configured).
+        sweep_id: The sweep it is a point of.
+
+    Raises:
+        ValueError: a bad option (the message says which); nothing is recorded or submitted.
+    """
+    import ray
+
+    from core import experiment
+
+    if kind == "finetune":
+        record = experiment.experiment_record(spec, experiment.check_options(spec))  # type: ignore[arg-type]
+        device = spec.train.device  # type: ignore[union-attr]
+    elif kind == "intrinsic_dim":
+        record = experiment.measurement_record(spec)  # type: ignore[arg-type]
+        device = spec.config.device  # type: ignore[union-attr]
+    else:
+        raise ValueError(f"a job is a 'finetune' or an 'intrinsic_dim' measurement, not {kind!r}")
+    handle = manager(root, address)
+    reserved = (resources or default_resources(device)).resolved()
+    job = {"spec": spec, "data_root": data_root}
+    record = {**record, "owner": owner, "sweep_id": sweep_id}
+    return ray.get(handle.submit.remote(kind, job, record, reserved))
+
+
+def wait(
+    store: RunStore,
+    run_id: str,
+    timeout: float | None = None,
+    on_update: Callable[[dict[str, Any]], None] | None = None,
+    poll_s: float = 0.5,
+) -> dict[str, Any]:
+    """Poll the store until the run ends; returns its record. ``on_update`` sees the record at every poll.
+
+    Raises:
+        TimeoutError: it did not end within ``timeout`` seconds (it goes on).
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        run = store.get_run(run_id)
+        if on_update is not None:
+            on_update(run)
+        if run["status"] in FINISHED_STATUSES:
+            return run
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"run {run_id} is still {run['status']} after {timeout:.0f} s")
+        time.sleep(poll_s)

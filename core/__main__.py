@@ -23,33 +23,46 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from core import methods
 from core.backbone import BackboneSpec
+from core.config import coerce_fields, field_docs
 from core.data import DataSpec, list_datasets
 from core.experiment import DEMO
-from core.train import TrainConfig
+from core.train import Callback, StepInfo, TrainConfig, TrainResult
 
 DEMO_DATA, DEMO_TRAIN, DEMO_METHOD, DEMO_OPTIONS = DEMO.data, DEMO.train, DEMO.method, DEMO.options
 
 
-def _field_doc(cls: type, name: str) -> str:
-    """The ``name: text`` line of a dataclass docstring's Attributes section."""
-    doc = cls.__doc__ or ""
-    lines = doc.splitlines()
-    for i, line in enumerate(lines):
-        if line.strip().startswith(f"{name}:"):
-            text = [line.strip()[len(name) + 1 :].strip()]
-            for more in lines[i + 1 :]:
-                if not more.strip() or ":" in more.split()[0]:
-                    break
-                text.append(more.strip())
-            return " ".join(text)
-    return ""
+class ProgressBar(Callback):
+    """The command line's training progress: a tqdm bar over the steps (on stderr), each evaluation a line above it."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+
+    def on_start(self, total_steps: int, device: str) -> None:
+        self.bar = tqdm(total=total_steps, desc=f"training on {device}", unit="step", dynamic_ncols=True)
+
+    def on_step(self, info: StepInfo) -> None:
+        assert self.bar is not None
+        self.bar.update(info.step - self.bar.n)
+        self.bar.set_postfix_str(
+            f"loss {info.loss:.4f}  lr {info.lr:.2e}  {info.images_per_s:.0f} img/s", refresh=False
+        )
+
+    def on_eval(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        tqdm.write(f"  {split} @ step {step}: accuracy {metrics['acc']:.2f}%  loss {metrics['loss']:.4f}")
+
+    def on_end(self, result: TrainResult) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser, cls: type, defaults: Any = None) -> None:
     """One ``--option`` per dataclass field, typed from its annotation, documented from its docstring."""
     hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
         default = (
@@ -61,12 +74,11 @@ def _add_config_arguments(parser: argparse.ArgumentParser, cls: type, defaults: 
         )
         kwargs: dict[str, Any] = {
             "default": argparse.SUPPRESS,
-            "help": f"{_field_doc(cls, f.name)} (default: {default})",
+            "help": f"{docs.get(f.name, '')} (default: {default})",
         }
         if typing.get_origin(hint) is typing.Literal:
             kwargs["choices"] = typing.get_args(hint)
         elif hint is bool:
-            kwargs["type"] = lambda v: v.lower() in ("1", "true", "yes")
             kwargs["metavar"] = "true|false"
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
 
@@ -76,24 +88,8 @@ def _options(ns: argparse.Namespace, cls: type) -> dict[str, Any]:
 
 
 def _coerced(cls: type, values: dict[str, Any], defaults: Any) -> Any:
-    """A dataclass instance from CLI strings over ``defaults``, with the field types applied."""
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for name, value in values.items():
-        hint = hints[name]
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value in ("none", "None") and type(None) in typing.get_args(hint):
-            out[name] = None
-            continue
-        target = args[0] if args and typing.get_origin(hint) is not typing.Literal else hint
-        if target is bool and isinstance(value, str):
-            out[name] = value.lower() in ("1", "true", "yes")
-            continue
-        try:
-            out[name] = target(value) if target in (int, float) else value
-        except ValueError:
-            raise SystemExit(f"error: --{name.replace('_', '-')} {value!r} must be a {target.__name__}") from None
-    return dataclasses.replace(defaults, **out)
+    """``defaults`` with the command line's text ``values`` converted to the field types and put in."""
+    return dataclasses.replace(defaults, **coerce_fields(cls, values))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,13 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help=f"{', '.join(list_datasets())}, folder:PATH or vtab:PATH (default: {DEMO_DATA.name})",
     )
+    data_docs = field_docs(DataSpec)
     for name in ("img_size", "normalization", "n_train", "n_val", "n_test", "augment"):
-        f = next(x for x in dataclasses.fields(DataSpec) if x.name == name)
         data_group.add_argument(
             "--" + name.replace("_", "-"),
             dest="data_" + name,
             default=argparse.SUPPRESS,
-            help=f"{_field_doc(DataSpec, name)} (default: {getattr(DEMO_DATA, f.name)})",
+            help=f"{data_docs[name]} (default: {getattr(DEMO_DATA, name)})",
         )
     data_group.add_argument("--data-root", type=Path, default=None, help="folder that folder:/vtab: paths must lie in")
     backbone = train.add_argument_group("backbone")
@@ -154,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--backbone", default="vit_base_patch16_224", help="timm model name (default: vit_base_patch16_224)"
     )
     params.add_argument("--num-classes", type=int, default=100)
-    params.add_argument("--img-size", type=int, default=None)
+    params.add_argument(
+        "--img-size", type=int, default=None, help="input side in pixels (default: the model's pretrained size)"
+    )
     params.add_argument(
         "--method",
         action="append",
@@ -329,9 +327,8 @@ def _intrinsic_dim(ns: argparse.Namespace) -> int:
 
 
 def _train(ns: argparse.Namespace) -> int:
-    from core.experiment import Experiment, check_options, run_experiment
+    from core.experiment import Experiment, run_experiment, validate
     from core.runs import RunStore
-    from core.train import progress_printer
 
     method = ns.method or DEMO_METHOD
     options = _options(ns, methods.get_method(method).config) if ns.method else dict(DEMO_OPTIONS)
@@ -344,15 +341,15 @@ def _train(ns: argparse.Namespace) -> int:
     config = _coerced(TrainConfig, _options(ns, TrainConfig), DEMO_TRAIN)
     backbone = BackboneSpec(name=ns.backbone, weights=ns.weights, drop_path_rate=ns.drop_path_rate)
     experiment = Experiment(data=data, backbone=backbone, method=method, options=options, train=config, label=ns.label)
-    options = check_options(experiment)  # a bad option fails here, before anything is loaded or recorded
+    checked = validate(experiment)  # a bad option fails here, before anything is loaded or recorded
     store = RunStore(ns.home)
     print(
-        f"PETLab: {method} {options} on {data.name} at {data.img_size} px, backbone {ns.backbone} ({ns.weights}); "
-        f"runs in {store.root}",
+        f"PETLab: {method} {checked.experiment.options} on {data.name} at {data.img_size} px, "
+        f"backbone {ns.backbone} ({ns.weights}); runs in {store.root}",
         flush=True,
     )
-    callbacks = [] if ns.quiet else [progress_printer(lambda s: print(s, flush=True))]
-    run_id = run_experiment(experiment, store, callbacks, data_root=ns.data_root)
+    callbacks = [] if ns.quiet else [ProgressBar()]
+    run_id = run_experiment(checked, store, callbacks, data_root=ns.data_root)
     run = store.get_run(run_id)
     print(f"run {run_id}: {run['status']}: {run['message']}")
     print(
@@ -402,20 +399,17 @@ def _runs(ns: argparse.Namespace) -> int:
 
 
 def _params(ns: argparse.Namespace) -> int:
-    import timm
-    import torch
+    from core.experiment import count_params, native_img_size
 
     requested = ns.method or methods.list_methods()
-    extra = {"img_size": ns.img_size} if ns.img_size else {}
+    img_size = ns.img_size or native_img_size(ns.backbone)
+    spec = BackboneSpec(name=ns.backbone, weights="none", img_size=img_size, num_classes=ns.num_classes)
     print(f"{'method':<32}{'trainable':>14}{'with head':>14}   ({ns.backbone}, {ns.num_classes} classes)")
     for item in requested:
         name, _, text = item.partition(":")
         options = dict(kv.split("=", 1) for kv in text.split(",")) if text else {}
-        with torch.device("meta"):  # shapes only
-            model = timm.create_model(ns.backbone, pretrained=False, num_classes=ns.num_classes, **extra)
-            methods.apply(model, name, **options)
-        no_head, head = methods.count_trainable(model, False), methods.count_trainable(model, True)
-        print(f"{item:<32}{no_head:>14,}{head:>14,}")
+        count = count_params(spec, name, options)
+        print(f"{item:<32}{count.without_head:>14,}{count.with_head:>14,}")
     return 0
 
 

@@ -5,10 +5,10 @@ import sys
 
 import pandas as pd
 import streamlit as st
-import timm
-import torch
 
 from core import methods
+from core.backbone import BackboneSpec
+from core.experiment import count_params, native_img_size
 
 st.title("PETLab")
 st.write(
@@ -21,17 +21,16 @@ model_name = st.selectbox(
     "Backbone shape", ["vit_small_patch14_dinov2", "vit_tiny_patch16_224", "vit_base_patch16_224"]
 )
 classes = st.number_input("Classes", min_value=2, max_value=10_000, value=100)
+shape = BackboneSpec(name=model_name, weights="none", img_size=native_img_size(model_name), num_classes=int(classes))
 rows = []
 for name in methods.list_methods():
-    with torch.device("meta"):  # shapes only: counts without allocating weights
-        model = timm.create_model(model_name, pretrained=False, num_classes=int(classes))
-        methods.apply(model, name)
+    count = count_params(shape, name)  # on a weightless copy: shapes only
     method = methods.get_method(name)
     rows.append(
         {
             "method": name,
-            "trainable (no head)": methods.count_trainable(model, include_head=False),
-            "trainable (with head)": methods.count_trainable(model, include_head=True),
+            "trainable (no head)": count.without_head,
+            "trainable (with head)": count.with_head,
             "mergeable": method.mergeable,
             "what it does": method.summary,
             "paper": method.paper,

@@ -256,17 +256,13 @@ def _spectra(ns: argparse.Namespace) -> int:
 def _pareto(ns: argparse.Namespace) -> int:
     import pandas as pd
 
-    from core.pareto import combine_points, pareto_front, reference_points
+    from core.pareto import combine_points, fronts_by_kind, reference_points
     from core.runs import RunStore
 
     runs = RunStore(ns.home).list_runs(status="completed", dataset=ns.dataset)
     refs = reference_points(ns.benchmark, ns.average, prefer=ns.head)
     points = combine_points(runs, refs, prefer=ns.head)
-    points["front"] = False
-    for kind in ("run", "reference"):
-        sel = points["kind"] == kind
-        if sel.any():
-            points.loc[sel, "front"] = pareto_front(points[sel], x="params", y="accuracy").to_numpy()
+    points["front"] = fronts_by_kind(points)
     cols = [
         c
         for c in ("kind", "label", "method", "accuracy", "params", "params_convention", "ppt", "front")

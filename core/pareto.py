@@ -79,6 +79,16 @@ def pareto_front(
     return pd.Series(on_front, index=df.index, name="pareto")
 
 
+def fronts_by_kind(points: pd.DataFrame, x: str = "params", y: str = "accuracy") -> pd.Series:
+    """`pareto_front` of each ``kind`` of ``combine_points`` output on its own: your runs and the papers' points are
+    results on different tasks, so neither dominates the other. A boolean Series named "front", aligned with
+    ``points.index``."""
+    front = pd.Series(False, index=points.index, name="front")
+    for _, rows in points.groupby("kind", sort=False):
+        front[rows.index] = pareto_front(rows, x=x, y=y).to_numpy()
+    return front
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 2. Efficiency score
 # ----------------------------------------------------------------------------------------------------------------

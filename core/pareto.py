@@ -1,26 +1,29 @@
 """Pareto fronts and efficiency scores over runs, and the published reference points to compare them with.
 
 Read in this order:
-    1. ``pareto_front``: the non-dominated rows of any table, in either preference direction.
+    1. ``pareto_front``: the non-dominated rows of any table, in either preference direction; ``fronts_by_kind``:
+       one front each for your runs and the papers' points.
     2. ``ppt_score``: V-PETL Bench's accuracy-per-parameter score.
-    3. Reference results from the papers (``assets/reference_results.csv``) and their averaging conventions.
+    3. Reference results from the papers (``core/assets/reference_results.csv``, shipped as package data) and
+       their averaging conventions.
     4. ``combine_points``: user runs and reference points in one frame, for one plot.
 
 Parameter counts follow two conventions in the literature: FacT's table counts the backbone only, RLRR's counts
-the classifier head too (spec, section 2.4). Every frame here carries both columns, ``params_without_head`` and
+the classifier head too. Every frame here carries both columns, ``params_without_head`` and
 ``params_with_head`` (NaN where a paper did not give that count), plus ``params``: the preferred convention where
 known, else the other one, with ``params_convention`` saying which. Accuracies are percentages throughout.
 """
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 
-REFERENCE_RESULTS = Path(__file__).resolve().parent.parent / "assets" / "reference_results.csv"
+REFERENCE_RESULTS = resources.files("core") / "assets" / "reference_results.csv"
 REFERENCE_COLUMNS = (
     "benchmark", "method", "task", "group", "accuracy", "params_M", "params_include_head", "backbone", "source",
 )  # fmt: skip
@@ -115,12 +118,16 @@ def load_reference_results(path: str | Path | None = None) -> pd.DataFrame:
     """The published per-task numbers, one row per (benchmark, method, source, task); see the CSV's columns.
 
     Args:
-        path: a CSV with ``REFERENCE_COLUMNS``; default the shipped ``assets/reference_results.csv``.
+        path: a CSV with ``REFERENCE_COLUMNS``; default the shipped ``REFERENCE_RESULTS``.
 
     Raises:
         ValueError: a column is missing.
     """
-    frame = pd.read_csv(path or REFERENCE_RESULTS)
+    if path is None:
+        with REFERENCE_RESULTS.open("rb") as shipped:  # works inside a zip or a wheel too, unlike a file path
+            frame = pd.read_csv(shipped)
+    else:
+        frame = pd.read_csv(path)
     missing = [c for c in REFERENCE_COLUMNS if c not in frame]
     if missing:
         raise ValueError(f"{path or REFERENCE_RESULTS}: missing columns {', '.join(missing)}")

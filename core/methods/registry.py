@@ -46,6 +46,8 @@ class Method:
         identity_at_init: whether the adapted model equals the pretrained one at step 0, for a given config.
         summary: one line for menus and ``--help``.
         paper: citation of the method.
+        differs_from_official: where PETLab departs from the method's official code and why (Markdown, shown on
+            the Methods page); empty where it follows that code.
     """
 
     name: str
@@ -56,6 +58,7 @@ class Method:
     identity_at_init: Callable[[Any], bool]
     summary: str
     paper: str
+    differs_from_official: str = ""
 
 
 _REGISTRY: dict[str, Method] = {}

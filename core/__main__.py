@@ -46,10 +46,10 @@ class ProgressBar(Callback):
 
     def on_step(self, info: StepInfo) -> None:
         assert self.bar is not None
-        self.bar.update(info.step - self.bar.n)
         self.bar.set_postfix_str(
             f"loss {info.loss:.4f}  lr {info.lr:.2e}  {info.images_per_s:.0f} img/s", refresh=False
         )
+        self.bar.update(info.step - self.bar.n)
 
     def on_eval(self, step: int, split: str, metrics: dict[str, float]) -> None:
         tqdm.write(f"  {split} @ step {step}: accuracy {metrics['acc']:.2f}%  loss {metrics['loss']:.4f}")
@@ -129,15 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress lines")
     method_parsers = train.add_subparsers(dest="method", metavar="METHOD", help=", ".join(methods.list_methods()))
     for name in methods.list_methods():
-        m = methods.get_method(name)
-        sub = method_parsers.add_parser(name, help=m.summary, description=f"{m.summary}. {m.paper}.")
-        _add_config_arguments(sub, m.config)
+        method = methods.get_method(name)
+        method_parser = method_parsers.add_parser(
+            name, help=method.summary, description=f"{method.summary}. {method.paper}."
+        )
+        _add_config_arguments(method_parser, method.config)
 
     runs = commands.add_parser("runs", help="list, show, export or delete runs")
     runs_cmd = runs.add_subparsers(dest="runs_command", required=True)
-    ls = runs_cmd.add_parser("list", help="one line per run, newest first")
-    ls.add_argument("--status", default=None)
-    ls.add_argument("--method", default=None)
+    list_runs = runs_cmd.add_parser("list", help="one line per run, newest first")
+    list_runs.add_argument("--status", default=None)
+    list_runs.add_argument("--method", default=None)
     show = runs_cmd.add_parser("show", help="everything recorded for one run")
     show.add_argument("run_id", help="a run id or a unique prefix of one")
     export = runs_cmd.add_parser("export", help="all runs to .csv or .parquet")
@@ -159,28 +161,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="method name, repeatable; with options as name:key=value,key=value (default: all)",
     )
-    idim = commands.add_parser(
+    intrinsic_dim_parser = commands.add_parser(
         "intrinsic-dim",
         help="d90 of parameter groups and the targets they recommend",
         description="Measure the local intrinsic dimension (d90) of parameter groups.",
     )
-    idim.add_argument("--dataset", default="digits", help="dataset name (default: digits)")
-    idim.add_argument("--img-size", type=int, default=56)
-    idim.add_argument("--n-train", type=int, default=500)
-    idim.add_argument("--n-val", type=int, default=200)
-    idim.add_argument("--backbone", default="vit_small_patch14_dinov2")
-    idim.add_argument("--weights", default="offline-default")
-    idim.add_argument(
+    intrinsic_dim_parser.add_argument("--dataset", default="digits", help="dataset name (default: digits)")
+    intrinsic_dim_parser.add_argument("--img-size", type=int, default=56)
+    intrinsic_dim_parser.add_argument("--n-train", type=int, default=500)
+    intrinsic_dim_parser.add_argument("--n-val", type=int, default=200)
+    intrinsic_dim_parser.add_argument("--backbone", default="vit_small_patch14_dinov2")
+    intrinsic_dim_parser.add_argument("--weights", default="offline-default")
+    intrinsic_dim_parser.add_argument(
         "--groups",
         default="attn-mlp",
         help="a scheme (attn-mlp, matrices, blocks, attn-mlp-blocks, matrices-blocks) or targets "
         "strings separated by '|', one group each (default: attn-mlp)",
     )
-    idim.add_argument("--data-root", type=Path, default=None)
-    idim.add_argument("--out", type=Path, default=None, help="folder for curves.csv, groups.csv and result.json")
+    intrinsic_dim_parser.add_argument("--data-root", type=Path, default=None)
+    intrinsic_dim_parser.add_argument(
+        "--out", type=Path, default=None, help="folder for curves.csv, groups.csv and result.json"
+    )
     from core.intrinsic_dim import IntrinsicDimConfig
 
-    _add_config_arguments(idim.add_argument_group("measurement"), IntrinsicDimConfig)
+    _add_config_arguments(intrinsic_dim_parser.add_argument_group("measurement"), IntrinsicDimConfig)
 
     spectra = commands.add_parser(
         "spectra",
@@ -403,7 +407,7 @@ def _params(ns: argparse.Namespace) -> int:
     print(f"{'method':<32}{'trainable':>14}{'with head':>14}   ({ns.backbone}, {ns.num_classes} classes)")
     for item in requested:
         name, _, text = item.partition(":")
-        options = dict(kv.split("=", 1) for kv in text.split(",")) if text else {}
+        options = dict(pair.split("=", 1) for pair in text.split(",")) if text else {}
         count = count_params(spec, name, options)
         print(f"{item:<32}{count.without_head:>14,}{count.with_head:>14,}")
     return 0

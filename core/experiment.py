@@ -247,8 +247,8 @@ def run_weight_updates(store: RunStore, run_id: str) -> dict[str, tuple[torch.Te
         return methods.weight_updates(tuned)
     updates: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     with torch.no_grad():
-        for b, (block0, block1) in enumerate(zip(pretrained.blocks, tuned.blocks, strict=True)):
+        for index, (pretrained_block, tuned_block) in enumerate(zip(pretrained.blocks, tuned.blocks, strict=True)):
             for path in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
-                w0, w1 = block0.get_submodule(path).weight, block1.get_submodule(path).weight
-                updates.update(methods.matrix_entries(f"blocks.{b}.{path}", w0, w1 - w0))
+                w0, w1 = pretrained_block.get_submodule(path).weight, tuned_block.get_submodule(path).weight
+                updates.update(methods.matrix_entries(f"blocks.{index}.{path}", w0, w1 - w0))
     return updates

@@ -62,23 +62,22 @@ def pareto_front(
     Returns:
         A boolean Series named "pareto", aligned with ``df.index``.
     """
-    # Turn both into "smaller is better": a row is on the front iff its b is below every b of a row with a
-    # strictly smaller a, and is the smallest b among rows with the same a. O(n log n).
-    a = pd.to_numeric(df[x], errors="coerce").to_numpy(dtype=float) * (1.0 if minimize_x else -1.0)
-    b = pd.to_numeric(df[y], errors="coerce").to_numpy(dtype=float) * (-1.0 if maximize_y else 1.0)
-    valid = ~(np.isnan(a) | np.isnan(b))
+    # Turn both into costs (smaller is better): a row is on the front iff its y cost is below every y cost of a row
+    # with a strictly smaller x cost, and is the smallest y cost among rows with the same x cost. O(n log n).
+    x_cost = pd.to_numeric(df[x], errors="coerce").to_numpy(dtype=float) * (1.0 if minimize_x else -1.0)
+    y_cost = pd.to_numeric(df[y], errors="coerce").to_numpy(dtype=float) * (-1.0 if maximize_y else 1.0)
+    valid = ~(np.isnan(x_cost) | np.isnan(y_cost))
     on_front = np.zeros(len(df), dtype=bool)
     if valid.any():
-        pos = np.flatnonzero(valid)
-        av, bv = a[pos], b[pos]
-        order = np.lexsort((bv, av))  # by a, then b
-        av, bv = av[order], bv[order]
-        starts = np.flatnonzero(np.r_[True, av[1:] != av[:-1]])  # first row of each run of equal a
-        group_min = bv[starts]  # the smallest b of each equal-a group (sorted by b within the group)
-        best_before = np.r_[np.inf, np.minimum.accumulate(group_min)[:-1]]  # min b over strictly smaller a
-        group = np.cumsum(np.r_[True, av[1:] != av[:-1]]) - 1
-        keep = (bv == group_min[group]) & (bv < best_before[group])
-        on_front[pos[order[keep]]] = True
+        positions = np.flatnonzero(valid)
+        order = np.lexsort((y_cost[positions], x_cost[positions]))  # by x cost, then y cost
+        xs, ys = x_cost[positions][order], y_cost[positions][order]
+        new_x = np.r_[True, xs[1:] != xs[:-1]]  # the first row of each run of equal x cost
+        group_min = ys[new_x]  # the smallest y cost of each equal-x group (sorted by y cost within the group)
+        best_before = np.r_[np.inf, np.minimum.accumulate(group_min)[:-1]]  # min y cost over strictly smaller x
+        group = np.cumsum(new_x) - 1
+        keep = (ys == group_min[group]) & (ys < best_before[group])
+        on_front[positions[order[keep]]] = True
     return pd.Series(on_front, index=df.index, name="pareto")
 
 

@@ -170,9 +170,9 @@ def matrix_entries(
     ``slices``)."""
     if not name.endswith("attn.qkv"):
         return {name: (w0, dw)}
-    d = w0.shape[0] // len(QKV_SLICES)
-    rows = {m: slice(i * d, (i + 1) * d) for i, m in enumerate(QKV_SLICES)}
-    return {f"{name}.{m}": (w0[rows[m]], dw[rows[m]]) for m in QKV_SLICES if m in slices}
+    width = w0.shape[0] // len(QKV_SLICES)
+    rows = {part: slice(i * width, (i + 1) * width) for i, part in enumerate(QKV_SLICES)}
+    return {f"{name}.{part}": (w0[rows[part]], dw[rows[part]]) for part in QKV_SLICES if part in slices}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
-import types
 import typing
 from typing import Any
 
@@ -17,6 +15,7 @@ import pandas as pd
 import streamlit as st
 
 from core.backbone import HUB, NO_WEIGHTS, OFFLINE_DEFAULT, OFFLINE_DEFAULT_ARCH, OFFLINE_DEFAULT_DESCRIPTION
+from core.config import coerce_fields, field_docs, unwrap_optional
 from core.data import NORMALIZATIONS, DataSpec, default_data_root, list_datasets
 
 _FOLDER_SOURCES = {"folder:": "your images: one subfolder per class", "vtab:": "a VTAB-1k task folder"}
@@ -26,37 +25,6 @@ _WEIGHTS = {
     NO_WEIGHTS: "random initialisation",
     "file": "a local .safetensors / .pth state dict",
 }
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Field name -> its text in the ``Attributes:`` section of a Google-style dataclass docstring."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    docs: dict[str, str] = {}
-    current: str | None = None
-    inside = False
-    for line in (cls.__doc__ or "").splitlines():
-        text = line.strip()
-        if text == "Attributes:":
-            inside = True
-            continue
-        if not inside:
-            continue
-        match = re.match(r"(\w+)(?: \([^)]*\))?: (.*)", text)
-        if match and match.group(1) in names:
-            current = match.group(1)
-            docs[current] = match.group(2)
-        elif current and text:
-            docs[current] += " " + text
-    return docs
-
-
-def _optional(hint: Any) -> tuple[Any, bool]:
-    """(the type inside ``X | None``, whether None is allowed)."""
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-    return hint, False
 
 
 def _float_step(value: float) -> float:
@@ -72,7 +40,7 @@ def field_input(name: str, hint: Any, default: Any, key: str, help: str | None =
     """One widget for one typed field: a selectbox for a Literal, a checkbox for a bool, a number input for an int
     or float, and a text input for anything else (targets, paths, and optional numbers: empty means None)."""
     label = name.replace("_", " ")
-    inner, optional = _optional(hint)
+    inner, optional = unwrap_optional(hint)
     if typing.get_origin(inner) is typing.Literal and not optional:
         _preset(key, default)
         return st.selectbox(label, typing.get_args(inner), key=key, help=help)
@@ -120,21 +88,13 @@ def dataclass_form(
 
 
 def coerce(cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    """Turn the text of optional int / float fields back into numbers (None stays None).
+    """The form's values as the field types (``core.config.coerce``): text of optional numbers becomes a number
+    or None.
 
     Raises:
-        ValueError: a text that is not a number of the field's type, naming the field.
+        ValueError: a text that is not of the field's type, naming the field.
     """
-    hints = typing.get_type_hints(cls)
-    out = dict(values)
-    for name, value in values.items():
-        inner, optional = _optional(hints[name])
-        if optional and isinstance(value, str) and inner in (int, float):
-            try:
-                out[name] = None if value.lower() == "none" else inner(value)
-            except ValueError:
-                raise ValueError(f"{name} = {value!r} must be {inner.__name__} or empty") from None
-    return out
+    return coerce_fields(cls, values)
 
 
 def data_inputs(key: str, defaults: DataSpec) -> dict[str, Any]:

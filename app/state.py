@@ -24,12 +24,10 @@ from typing import Any, Literal
 
 import pandas as pd
 import streamlit as st
-import torch
 
-from core import methods
 from core.backbone import BackboneSpec, build_backbone, skeleton
 from core.data import DataSpec, load_data
-from core.experiment import Experiment, check_options, run_experiment, run_weight_updates
+from core.experiment import Experiment, count_params, run_experiment, run_weight_updates, validate
 from core.intrinsic_dim import (
     IntrinsicDimConfig,
     IntrinsicDimResult,
@@ -70,16 +68,15 @@ def export_csv(runs: RunStore) -> bytes:
 # ----------------------------------------------------------------------------------------------------------------
 @st.cache_data(show_spinner=False, max_entries=256)
 def trainable_count(backbone: str, img_size: int, method: str, options: Mapping[str, Any]) -> tuple[int, int]:
-    """(trainable parameters without the head, width d) of ``method`` on a weightless (meta-device) backbone.
+    """(trainable parameters without the head, width d) of ``method`` on a weightless backbone
+    (``core.experiment.count_params``), cached by its arguments.
 
     Raises:
         ValueError: a bad backbone name or size, or a bad option (the message says which).
     """
-    model = skeleton(BackboneSpec(name=backbone, weights="none", img_size=img_size, num_classes=2))
-    width = methods.inspect_vit(model).embed_dim
-    with torch.device("meta"):
-        methods.apply(model, method, **options)
-    return methods.count_trainable(model, include_head=False), width
+    spec = BackboneSpec(name=backbone, weights="none", img_size=img_size, num_classes=2)
+    count = count_params(spec, method, options)
+    return count.without_head, count.width
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -276,18 +273,19 @@ class _Progress(Callback):
 
 
 def start_training(experiment: Experiment, root: Path | str | None = None, data_root: Path | None = None) -> Job:
-    """Check the options (ValueError here, in the caller), then run ``run_experiment`` in the background.
+    """Validate the experiment (ValueError here, in the caller), then run it with ``run_experiment`` in the
+    background.
 
     Raises:
         ValueError: bad method options or a backbone that cannot take them (nothing is started or recorded).
     """
-    check_options(experiment)
+    checked = validate(experiment)
     folder = Path(root).expanduser() if root is not None else default_root()
     title = f"{experiment.method} on {experiment.data.name} at {experiment.data.img_size} px"
 
     def work(job: Job) -> str:
         job.total = experiment.train.steps
-        return run_experiment(experiment, _JobStore(folder, job), [_Progress(job)], job.token, data_root)
+        return run_experiment(checked, _JobStore(folder, job), [_Progress(job)], job.token, data_root)
 
     return job_registry().submit("train", experiment.label or title, work)
 

@@ -23,33 +23,46 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from core import methods
 from core.backbone import BackboneSpec
+from core.config import coerce_fields, field_docs
 from core.data import DataSpec, list_datasets
 from core.experiment import DEMO
-from core.train import TrainConfig
+from core.train import Callback, StepInfo, TrainConfig, TrainResult
 
 DEMO_DATA, DEMO_TRAIN, DEMO_METHOD, DEMO_OPTIONS = DEMO.data, DEMO.train, DEMO.method, DEMO.options
 
 
-def _field_doc(cls: type, name: str) -> str:
-    """The ``name: text`` line of a dataclass docstring's Attributes section."""
-    doc = cls.__doc__ or ""
-    lines = doc.splitlines()
-    for i, line in enumerate(lines):
-        if line.strip().startswith(f"{name}:"):
-            text = [line.strip()[len(name) + 1 :].strip()]
-            for more in lines[i + 1 :]:
-                if not more.strip() or ":" in more.split()[0]:
-                    break
-                text.append(more.strip())
-            return " ".join(text)
-    return ""
+class ProgressBar(Callback):
+    """The command line's training progress: a tqdm bar over the steps (on stderr), each evaluation a line above it."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+
+    def on_start(self, total_steps: int, device: str) -> None:
+        self.bar = tqdm(total=total_steps, desc=f"training on {device}", unit="step", dynamic_ncols=True)
+
+    def on_step(self, info: StepInfo) -> None:
+        assert self.bar is not None
+        self.bar.set_postfix_str(
+            f"loss {info.loss:.4f}  lr {info.lr:.2e}  {info.images_per_s:.0f} img/s", refresh=False
+        )
+        self.bar.update(info.step - self.bar.n)
+
+    def on_eval(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        tqdm.write(f"  {split} @ step {step}: accuracy {metrics['acc']:.2f}%  loss {metrics['loss']:.4f}")
+
+    def on_end(self, result: TrainResult) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser, cls: type, defaults: Any = None) -> None:
     """One ``--option`` per dataclass field, typed from its annotation, documented from its docstring."""
     hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
         default = (
@@ -61,12 +74,11 @@ def _add_config_arguments(parser: argparse.ArgumentParser, cls: type, defaults: 
         )
         kwargs: dict[str, Any] = {
             "default": argparse.SUPPRESS,
-            "help": f"{_field_doc(cls, f.name)} (default: {default})",
+            "help": f"{docs.get(f.name, '')} (default: {default})",
         }
         if typing.get_origin(hint) is typing.Literal:
             kwargs["choices"] = typing.get_args(hint)
         elif hint is bool:
-            kwargs["type"] = lambda v: v.lower() in ("1", "true", "yes")
             kwargs["metavar"] = "true|false"
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
 
@@ -76,24 +88,8 @@ def _options(ns: argparse.Namespace, cls: type) -> dict[str, Any]:
 
 
 def _coerced(cls: type, values: dict[str, Any], defaults: Any) -> Any:
-    """A dataclass instance from CLI strings over ``defaults``, with the field types applied."""
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for name, value in values.items():
-        hint = hints[name]
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value in ("none", "None") and type(None) in typing.get_args(hint):
-            out[name] = None
-            continue
-        target = args[0] if args and typing.get_origin(hint) is not typing.Literal else hint
-        if target is bool and isinstance(value, str):
-            out[name] = value.lower() in ("1", "true", "yes")
-            continue
-        try:
-            out[name] = target(value) if target in (int, float) else value
-        except ValueError:
-            raise SystemExit(f"error: --{name.replace('_', '-')} {value!r} must be a {target.__name__}") from None
-    return dataclasses.replace(defaults, **out)
+    """``defaults`` with the command line's text ``values`` converted to the field types and put in."""
+    return dataclasses.replace(defaults, **coerce_fields(cls, values))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,13 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help=f"{', '.join(list_datasets())}, folder:PATH or vtab:PATH (default: {DEMO_DATA.name})",
     )
+    data_docs = field_docs(DataSpec)
     for name in ("img_size", "normalization", "n_train", "n_val", "n_test", "augment"):
-        f = next(x for x in dataclasses.fields(DataSpec) if x.name == name)
         data_group.add_argument(
             "--" + name.replace("_", "-"),
             dest="data_" + name,
             default=argparse.SUPPRESS,
-            help=f"{_field_doc(DataSpec, name)} (default: {getattr(DEMO_DATA, f.name)})",
+            help=f"{data_docs[name]} (default: {getattr(DEMO_DATA, name)})",
         )
     data_group.add_argument("--data-root", type=Path, default=None, help="folder that folder:/vtab: paths must lie in")
     backbone = train.add_argument_group("backbone")
@@ -133,15 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress lines")
     method_parsers = train.add_subparsers(dest="method", metavar="METHOD", help=", ".join(methods.list_methods()))
     for name in methods.list_methods():
-        m = methods.get_method(name)
-        sub = method_parsers.add_parser(name, help=m.summary, description=f"{m.summary}. {m.paper}.")
-        _add_config_arguments(sub, m.config)
+        method = methods.get_method(name)
+        method_parser = method_parsers.add_parser(
+            name, help=method.summary, description=f"{method.summary}. {method.paper}."
+        )
+        _add_config_arguments(method_parser, method.config)
 
     runs = commands.add_parser("runs", help="list, show, export or delete runs")
     runs_cmd = runs.add_subparsers(dest="runs_command", required=True)
-    ls = runs_cmd.add_parser("list", help="one line per run, newest first")
-    ls.add_argument("--status", default=None)
-    ls.add_argument("--method", default=None)
+    list_runs = runs_cmd.add_parser("list", help="one line per run, newest first")
+    list_runs.add_argument("--status", default=None)
+    list_runs.add_argument("--method", default=None)
     show = runs_cmd.add_parser("show", help="everything recorded for one run")
     show.add_argument("run_id", help="a run id or a unique prefix of one")
     export = runs_cmd.add_parser("export", help="all runs to .csv or .parquet")
@@ -154,35 +152,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--backbone", default="vit_base_patch16_224", help="timm model name (default: vit_base_patch16_224)"
     )
     params.add_argument("--num-classes", type=int, default=100)
-    params.add_argument("--img-size", type=int, default=None)
+    params.add_argument(
+        "--img-size", type=int, default=None, help="input side in pixels (default: the model's pretrained size)"
+    )
     params.add_argument(
         "--method",
         action="append",
         default=None,
         help="method name, repeatable; with options as name:key=value,key=value (default: all)",
     )
-    idim = commands.add_parser(
+    intrinsic_dim_parser = commands.add_parser(
         "intrinsic-dim",
         help="d90 of parameter groups and the targets they recommend",
         description="Measure the local intrinsic dimension (d90) of parameter groups.",
     )
-    idim.add_argument("--dataset", default="digits", help="dataset name (default: digits)")
-    idim.add_argument("--img-size", type=int, default=56)
-    idim.add_argument("--n-train", type=int, default=500)
-    idim.add_argument("--n-val", type=int, default=200)
-    idim.add_argument("--backbone", default="vit_small_patch14_dinov2")
-    idim.add_argument("--weights", default="offline-default")
-    idim.add_argument(
+    intrinsic_dim_parser.add_argument("--dataset", default="digits", help="dataset name (default: digits)")
+    intrinsic_dim_parser.add_argument("--img-size", type=int, default=56)
+    intrinsic_dim_parser.add_argument("--n-train", type=int, default=500)
+    intrinsic_dim_parser.add_argument("--n-val", type=int, default=200)
+    intrinsic_dim_parser.add_argument("--backbone", default="vit_small_patch14_dinov2")
+    intrinsic_dim_parser.add_argument("--weights", default="offline-default")
+    intrinsic_dim_parser.add_argument(
         "--groups",
         default="attn-mlp",
         help="a scheme (attn-mlp, matrices, blocks, attn-mlp-blocks, matrices-blocks) or targets "
         "strings separated by '|', one group each (default: attn-mlp)",
     )
-    idim.add_argument("--data-root", type=Path, default=None)
-    idim.add_argument("--out", type=Path, default=None, help="folder for curves.csv, groups.csv and result.json")
+    intrinsic_dim_parser.add_argument("--data-root", type=Path, default=None)
+    intrinsic_dim_parser.add_argument(
+        "--out", type=Path, default=None, help="folder for curves.csv, groups.csv and result.json"
+    )
     from core.intrinsic_dim import IntrinsicDimConfig
 
-    _add_config_arguments(idim.add_argument_group("measurement"), IntrinsicDimConfig)
+    _add_config_arguments(intrinsic_dim_parser.add_argument_group("measurement"), IntrinsicDimConfig)
 
     spectra = commands.add_parser(
         "spectra",
@@ -258,17 +260,13 @@ def _spectra(ns: argparse.Namespace) -> int:
 def _pareto(ns: argparse.Namespace) -> int:
     import pandas as pd
 
-    from core.pareto import combine_points, pareto_front, reference_points
+    from core.pareto import combine_points, fronts_by_kind, reference_points
     from core.runs import RunStore
 
     runs = RunStore(ns.home).list_runs(status="completed", dataset=ns.dataset)
     refs = reference_points(ns.benchmark, ns.average, prefer=ns.head)
     points = combine_points(runs, refs, prefer=ns.head)
-    points["front"] = False
-    for kind in ("run", "reference"):
-        sel = points["kind"] == kind
-        if sel.any():
-            points.loc[sel, "front"] = pareto_front(points[sel], x="params", y="accuracy").to_numpy()
+    points["front"] = fronts_by_kind(points)
     cols = [
         c
         for c in ("kind", "label", "method", "accuracy", "params", "params_convention", "ppt", "front")
@@ -329,9 +327,8 @@ def _intrinsic_dim(ns: argparse.Namespace) -> int:
 
 
 def _train(ns: argparse.Namespace) -> int:
-    from core.experiment import Experiment, check_options, run_experiment
+    from core.experiment import Experiment, run_experiment, validate
     from core.runs import RunStore
-    from core.train import progress_printer
 
     method = ns.method or DEMO_METHOD
     options = _options(ns, methods.get_method(method).config) if ns.method else dict(DEMO_OPTIONS)
@@ -344,15 +341,15 @@ def _train(ns: argparse.Namespace) -> int:
     config = _coerced(TrainConfig, _options(ns, TrainConfig), DEMO_TRAIN)
     backbone = BackboneSpec(name=ns.backbone, weights=ns.weights, drop_path_rate=ns.drop_path_rate)
     experiment = Experiment(data=data, backbone=backbone, method=method, options=options, train=config, label=ns.label)
-    options = check_options(experiment)  # a bad option fails here, before anything is loaded or recorded
+    checked = validate(experiment)  # a bad option fails here, before anything is loaded or recorded
     store = RunStore(ns.home)
     print(
-        f"PETLab: {method} {options} on {data.name} at {data.img_size} px, backbone {ns.backbone} ({ns.weights}); "
-        f"runs in {store.root}",
+        f"PETLab: {method} {checked.experiment.options} on {data.name} at {data.img_size} px, "
+        f"backbone {ns.backbone} ({ns.weights}); runs in {store.root}",
         flush=True,
     )
-    callbacks = [] if ns.quiet else [progress_printer(lambda s: print(s, flush=True))]
-    run_id = run_experiment(experiment, store, callbacks, data_root=ns.data_root)
+    callbacks = [] if ns.quiet else [ProgressBar()]
+    run_id = run_experiment(checked, store, callbacks, data_root=ns.data_root)
     run = store.get_run(run_id)
     print(f"run {run_id}: {run['status']}: {run['message']}")
     print(
@@ -402,20 +399,17 @@ def _runs(ns: argparse.Namespace) -> int:
 
 
 def _params(ns: argparse.Namespace) -> int:
-    import timm
-    import torch
+    from core.experiment import count_params, native_img_size
 
     requested = ns.method or methods.list_methods()
-    extra = {"img_size": ns.img_size} if ns.img_size else {}
+    img_size = ns.img_size or native_img_size(ns.backbone)
+    spec = BackboneSpec(name=ns.backbone, weights="none", img_size=img_size, num_classes=ns.num_classes)
     print(f"{'method':<32}{'trainable':>14}{'with head':>14}   ({ns.backbone}, {ns.num_classes} classes)")
     for item in requested:
         name, _, text = item.partition(":")
-        options = dict(kv.split("=", 1) for kv in text.split(",")) if text else {}
-        with torch.device("meta"):  # shapes only
-            model = timm.create_model(ns.backbone, pretrained=False, num_classes=ns.num_classes, **extra)
-            methods.apply(model, name, **options)
-        no_head, head = methods.count_trainable(model, False), methods.count_trainable(model, True)
-        print(f"{item:<32}{no_head:>14,}{head:>14,}")
+        options = dict(pair.split("=", 1) for pair in text.split(",")) if text else {}
+        count = count_params(spec, name, options)
+        print(f"{item:<32}{count.without_head:>14,}{count.with_head:>14,}")
     return 0
 
 

@@ -1,8 +1,10 @@
 """One fine-tuning run from specs to stored result: the path the CLI and the app share.
 
 ``run_experiment(Experiment(...), store)`` loads the data, builds the backbone at the data's size and class count,
-applies the method, trains, saves the adapter beside the run and records everything in the run store. Options are
-validated before anything heavy happens; a failure after the run was recorded marks it ``failed`` with the error.
+applies the method, trains, saves the adapter beside the run and records everything in the run store. `validate`
+checks the options once, on a weightless model, before anything heavy happens (the CLI and the app call it, then pass
+the `CheckedExperiment` on); a failure after the run was recorded marks it ``failed`` with the error. `count_params`
+is the one weightless parameter count the CLI, the app and the run check share.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ import dataclasses
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
+from timm.models import get_pretrained_cfg
 
 from core import methods
 from core.backbone import BackboneSpec, build_backbone, skeleton
@@ -50,7 +53,7 @@ class Experiment:
         return dataclasses.replace(self.backbone, img_size=self.data.img_size, num_classes=num_classes)
 
 
-# The default demo of the CLI and the app: a few minutes on 2 CPU cores (bench/bench_default_train.py measures it).
+# The default demo of the CLI and the app (bench/bench_default_train.py measures its time).
 DEMO = Experiment(
     data=DataSpec(name="mnist5k", img_size=112, n_train=2000, n_val=200, n_test=1000),
     method="fact",
@@ -107,22 +110,90 @@ class CancelWatch(Callback):
         return self.token.cancelled
 
 
-def check_options(experiment: Experiment) -> dict[str, Any]:
-    """Validate the method and its options against the backbone's shape, cheaply (a weightless meta-device
-    model), so a bad option fails before anything is recorded or loaded. Returns the options with defaults."""
-    model = skeleton(experiment.backbone_spec(num_classes=2))
+@dataclass(frozen=True)
+class ParamCount:
+    """What a method trains on a backbone, counted on a weightless (meta-device) copy.
+
+    Attributes:
+        without_head: trainable parameters of the backbone and the method (FacT's convention).
+        with_head: the same plus the classifier head (RLRR's convention).
+        width: the backbone's token width d (the head adds C x (d + 1) for C classes).
+        options: the method's options with every default filled in, as recorded with a run.
+    """
+
+    without_head: int
+    with_head: int
+    width: int
+    options: dict[str, Any]
+
+
+def count_params(backbone: BackboneSpec, method: str, options: Mapping[str, Any] | None = None) -> ParamCount:
+    """Apply ``method`` to a weightless copy of ``backbone`` (its weights are never read) and count what trains.
+
+    This is also the check of a method's options against a backbone's shape: no memory, no initialisation cost.
+
+    Raises:
+        ValueError: a bad backbone name or size, an unknown method, or a bad option (the message says which).
+    """
+    model = skeleton(backbone)
     with torch.device("meta"):
-        methods.apply(model, experiment.method, **experiment.options)
-    return methods.adapter_state(model).config.to_dict()
+        methods.apply(model, method, **(options or {}))
+    state = methods.adapter_state(model)
+    return ParamCount(
+        without_head=methods.count_trainable(model, include_head=False),
+        with_head=methods.count_trainable(model, include_head=True),
+        width=state.arch.embed_dim,
+        options=state.config.to_dict(),
+    )
 
 
-def experiment_record(experiment: Experiment, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What the run store records of a fine-tune before it starts (``options``: the checked options, if known)."""
+def native_img_size(name: str) -> int:
+    """The input side of timm's pretrained config for model ``name`` (224 for ``vit_base_patch16_224``, 518 for
+    ``vit_small_patch14_dinov2``); 224 for a name timm has no config for."""
+    try:
+        config = get_pretrained_cfg(name)
+    except RuntimeError:  # an unknown pretrained tag: `skeleton` names the tags timm knows
+        config = None
+    return int(config.input_size[-1]) if config is not None else 224
+
+
+@dataclass(frozen=True)
+class CheckedExperiment:
+    """An experiment whose method and options passed `validate`; `run_experiment` runs it without checking again.
+
+    Attributes:
+        experiment: the experiment with its options resolved (every default filled in).
+        params: the trainable counts on a weightless copy of its backbone; ``with_head`` there is for a two-class
+            head, since the class count is known only once the data is loaded.
+    """
+
+    experiment: Experiment
+    params: ParamCount
+
+
+def validate(experiment: Experiment) -> CheckedExperiment:
+    """Check the method and its options against the backbone's shape on a weightless model, so a bad option fails
+    before anything is loaded or recorded.
+
+    Raises:
+        ValueError: a bad backbone name or size, an unknown method, or a bad option.
+    """
+    params = count_params(experiment.backbone_spec(num_classes=2), experiment.method, experiment.options)
+    return CheckedExperiment(dataclasses.replace(experiment, options=params.options), params)
+
+
+def check_options(experiment: Experiment) -> dict[str, Any]:
+    """The experiment's options with defaults filled in, once `validate` accepts them (raises ValueError if not)."""
+    return validate(experiment).experiment.options
+
+
+def experiment_record(experiment: Experiment) -> dict[str, Any]:
+    """What the run store records of a (validated) fine-tune before it starts."""
     return {
         "kind": "finetune",
         "label": experiment.label,
         "method": experiment.method,
-        "method_options": experiment.options if options is None else options,
+        "method_options": experiment.options,
         "backbone": dataclasses.asdict(experiment.backbone),
         "dataset": experiment.data.to_dict(),
         "normalization": experiment.data.normalization,
@@ -132,7 +203,7 @@ def experiment_record(experiment: Experiment, options: dict[str, Any] | None = N
 
 
 def run_experiment(
-    experiment: Experiment,
+    experiment: Experiment | CheckedExperiment,
     store: RunStore,
     callbacks: Sequence[Callback] = (),
     cancel: CancelToken | None = None,
@@ -141,6 +212,7 @@ def run_experiment(
 ) -> str:
     """Run one fine-tune and record it; returns the run id (also for cancelled and diverged runs).
 
+    A plain `Experiment` is validated first; a `CheckedExperiment` (from `validate`) is not checked again.
     ``store`` is a `RunStore`, or a worker's proxy of one (`core.jobs.RemoteStore`): everything goes through its
     methods, the adapter too (as bytes), so the worker needs no access to the store's disk. With ``run_id`` the
     run was recorded beforehand (queued, by the job engine) and started by the caller; a cancel asked of it in the
@@ -150,17 +222,17 @@ def run_experiment(
         ValueError: a bad method or option (before anything is recorded). Errors after the run was recorded are
             re-raised after the run is marked ``failed`` with the message.
     """
+    checked = experiment if isinstance(experiment, CheckedExperiment) else validate(experiment)
+    experiment = checked.experiment
     if run_id is None:
-        run_id = store.create_run(experiment_record(experiment, check_options(experiment)))
+        run_id = store.create_run(experiment_record(experiment))
     cancel = cancel or CancelToken()
     try:
         bundle = load_data(experiment.data, data_root)
         model, info = build_backbone(experiment.backbone_spec(bundle.num_classes))
         methods.apply(model, experiment.method, **experiment.options)
-        state = methods.adapter_state(model)
         store.update_run(
             run_id,
-            method_options=state.config.to_dict(),  # with defaults filled in and resolved (e.g. KAdaptation's n)
             weights=info.to_dict(),
             trainable_params=methods.count_trainable(model, include_head=False),
             trainable_params_with_head=methods.count_trainable(model, include_head=True),
@@ -221,10 +293,10 @@ def run_weight_updates(store: RunStore, run_id: str) -> dict[str, tuple[torch.Te
         return methods.weight_updates(tuned)
     updates: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     with torch.no_grad():
-        for b, (block0, block1) in enumerate(zip(pretrained.blocks, tuned.blocks, strict=True)):
+        for index, (pretrained_block, tuned_block) in enumerate(zip(pretrained.blocks, tuned.blocks, strict=True)):
             for path in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
-                w0, w1 = block0.get_submodule(path).weight, block1.get_submodule(path).weight
-                updates.update(methods.matrix_entries(f"blocks.{b}.{path}", w0, w1 - w0))
+                w0, w1 = pretrained_block.get_submodule(path).weight, tuned_block.get_submodule(path).weight
+                updates.update(methods.matrix_entries(f"blocks.{index}.{path}", w0, w1 - w0))
     return updates
 
 

@@ -309,8 +309,9 @@ def submit(
     from core import experiment
 
     if kind == "finetune":
-        record = experiment.experiment_record(spec, experiment.check_options(spec))  # type: ignore[arg-type]
-        device = spec.train.device  # type: ignore[union-attr]
+        spec = experiment.validate(spec)  # type: ignore[arg-type]  # the worker does not check it again
+        record = experiment.experiment_record(spec.experiment)
+        device = spec.experiment.train.device
     elif kind == "intrinsic_dim":
         record = experiment.measurement_record(spec)  # type: ignore[arg-type]
         device = spec.config.device  # type: ignore[union-attr]

@@ -1,26 +1,29 @@
 """Pareto fronts and efficiency scores over runs, and the published reference points to compare them with.
 
 Read in this order:
-    1. ``pareto_front``: the non-dominated rows of any table, in either preference direction.
+    1. ``pareto_front``: the non-dominated rows of any table, in either preference direction; ``fronts_by_kind``:
+       one front each for your runs and the papers' points.
     2. ``ppt_score``: V-PETL Bench's accuracy-per-parameter score.
-    3. Reference results from the papers (``assets/reference_results.csv``) and their averaging conventions.
+    3. Reference results from the papers (``core/assets/reference_results.csv``, shipped as package data) and
+       their averaging conventions.
     4. ``combine_points``: user runs and reference points in one frame, for one plot.
 
 Parameter counts follow two conventions in the literature: FacT's table counts the backbone only, RLRR's counts
-the classifier head too (spec, section 2.4). Every frame here carries both columns, ``params_without_head`` and
+the classifier head too. Every frame here carries both columns, ``params_without_head`` and
 ``params_with_head`` (NaN where a paper did not give that count), plus ``params``: the preferred convention where
 known, else the other one, with ``params_convention`` saying which. Accuracies are percentages throughout.
 """
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 
-REFERENCE_RESULTS = Path(__file__).resolve().parent.parent / "assets" / "reference_results.csv"
+REFERENCE_RESULTS = resources.files("core") / "assets" / "reference_results.csv"
 REFERENCE_COLUMNS = (
     "benchmark", "method", "task", "group", "accuracy", "params_M", "params_include_head", "backbone", "source",
 )  # fmt: skip
@@ -59,24 +62,33 @@ def pareto_front(
     Returns:
         A boolean Series named "pareto", aligned with ``df.index``.
     """
-    # Turn both into "smaller is better": a row is on the front iff its b is below every b of a row with a
-    # strictly smaller a, and is the smallest b among rows with the same a. O(n log n).
-    a = pd.to_numeric(df[x], errors="coerce").to_numpy(dtype=float) * (1.0 if minimize_x else -1.0)
-    b = pd.to_numeric(df[y], errors="coerce").to_numpy(dtype=float) * (-1.0 if maximize_y else 1.0)
-    valid = ~(np.isnan(a) | np.isnan(b))
+    # Turn both into costs (smaller is better): a row is on the front iff its y cost is below every y cost of a row
+    # with a strictly smaller x cost, and is the smallest y cost among rows with the same x cost. O(n log n).
+    x_cost = pd.to_numeric(df[x], errors="coerce").to_numpy(dtype=float) * (1.0 if minimize_x else -1.0)
+    y_cost = pd.to_numeric(df[y], errors="coerce").to_numpy(dtype=float) * (-1.0 if maximize_y else 1.0)
+    valid = ~(np.isnan(x_cost) | np.isnan(y_cost))
     on_front = np.zeros(len(df), dtype=bool)
     if valid.any():
-        pos = np.flatnonzero(valid)
-        av, bv = a[pos], b[pos]
-        order = np.lexsort((bv, av))  # by a, then b
-        av, bv = av[order], bv[order]
-        starts = np.flatnonzero(np.r_[True, av[1:] != av[:-1]])  # first row of each run of equal a
-        group_min = bv[starts]  # the smallest b of each equal-a group (sorted by b within the group)
-        best_before = np.r_[np.inf, np.minimum.accumulate(group_min)[:-1]]  # min b over strictly smaller a
-        group = np.cumsum(np.r_[True, av[1:] != av[:-1]]) - 1
-        keep = (bv == group_min[group]) & (bv < best_before[group])
-        on_front[pos[order[keep]]] = True
+        positions = np.flatnonzero(valid)
+        order = np.lexsort((y_cost[positions], x_cost[positions]))  # by x cost, then y cost
+        xs, ys = x_cost[positions][order], y_cost[positions][order]
+        new_x = np.r_[True, xs[1:] != xs[:-1]]  # the first row of each run of equal x cost
+        group_min = ys[new_x]  # the smallest y cost of each equal-x group (sorted by y cost within the group)
+        best_before = np.r_[np.inf, np.minimum.accumulate(group_min)[:-1]]  # min y cost over strictly smaller x
+        group = np.cumsum(new_x) - 1
+        keep = (ys == group_min[group]) & (ys < best_before[group])
+        on_front[positions[order[keep]]] = True
     return pd.Series(on_front, index=df.index, name="pareto")
+
+
+def fronts_by_kind(points: pd.DataFrame, x: str = "params", y: str = "accuracy") -> pd.Series:
+    """`pareto_front` of each ``kind`` of ``combine_points`` output on its own: your runs and the papers' points are
+    results on different tasks, so neither dominates the other. A boolean Series named "front", aligned with
+    ``points.index``."""
+    front = pd.Series(False, index=points.index, name="front")
+    for _, rows in points.groupby("kind", sort=False):
+        front[rows.index] = pareto_front(rows, x=x, y=y).to_numpy()
+    return front
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -105,12 +117,16 @@ def load_reference_results(path: str | Path | None = None) -> pd.DataFrame:
     """The published per-task numbers, one row per (benchmark, method, source, task); see the CSV's columns.
 
     Args:
-        path: a CSV with ``REFERENCE_COLUMNS``; default the shipped ``assets/reference_results.csv``.
+        path: a CSV with ``REFERENCE_COLUMNS``; default the shipped ``REFERENCE_RESULTS``.
 
     Raises:
         ValueError: a column is missing.
     """
-    frame = pd.read_csv(path or REFERENCE_RESULTS)
+    if path is None:
+        with REFERENCE_RESULTS.open("rb") as shipped:  # works inside a zip or a wheel too, unlike a file path
+            frame = pd.read_csv(shipped)
+    else:
+        frame = pd.read_csv(path)
     missing = [c for c in REFERENCE_COLUMNS if c not in frame]
     if missing:
         raise ValueError(f"{path or REFERENCE_RESULTS}: missing columns {', '.join(missing)}")

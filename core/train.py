@@ -17,7 +17,7 @@ import resource
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -353,22 +353,3 @@ def train(
     for cb in callbacks:
         cb.on_end(result)
     return result
-
-
-def progress_printer(write: Callable[[str], None] = print, every: int = 10) -> Callback:
-    """A callback that prints a line every ``every`` steps and at each evaluation (the CLI's progress)."""
-
-    class _Printer(Callback):
-        def on_step(self, info: StepInfo) -> None:
-            if info.step % every == 0 or info.step == info.total:
-                width = 24
-                done = int(width * info.step / info.total)
-                write(
-                    f"[{'#' * done}{'.' * (width - done)}] step {info.step}/{info.total}  loss {info.loss:.4f}  "
-                    f"lr {info.lr:.2e}  {info.images_per_s:.0f} img/s"
-                )
-
-        def on_eval(self, step: int, split: str, metrics: dict[str, float]) -> None:
-            write(f"  {split} @ step {step}: accuracy {metrics['acc']:.2f}%  loss {metrics['loss']:.4f}")
-
-    return _Printer()

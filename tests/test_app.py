@@ -21,9 +21,9 @@ from streamlit.testing.v1 import AppTest
 
 from app import charts, state
 from core import methods
-from core.backbone import BackboneSpec, skeleton
+from core.backbone import BackboneSpec
 from core.data import DataSpec
-from core.experiment import Experiment, run_experiment
+from core.experiment import Experiment, count_params, run_experiment
 from core.intrinsic_dim import IntrinsicDimConfig
 from core.pareto import ppt_score
 from core.runs import RunStore
@@ -111,6 +111,10 @@ def test_methods_page_lists_every_method_with_counts_and_the_learn_section(home:
     assert int(table.loc[table["method"] == "linear", "trainable (no head)"].iloc[0]) == 0
     assert any("Learn" in h.value for h in at.header)
     assert any("RLRR" in m.value and "not** the identity" in m.value for m in at.markdown)
+    noted = [n for n in methods.list_methods() if methods.get_method(n).differs_from_official]
+    assert {"fact", "rlrr", "kadaptation", "ssf"} <= set(noted)  # the notes come from each method's registration
+    learn = next(m.value for m in at.markdown if "not** the identity" in m.value)
+    assert all(methods.get_method(n).differs_from_official in learn for n in noted)
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -191,10 +195,8 @@ def test_pareto_page_plots_the_run_beside_the_references(home_with_run: tuple[Pa
 # Fine-tune: the method form follows the registry
 # ----------------------------------------------------------------------------------------------------------------
 def meta_count(method: str, img_size: int = 112, **options: object) -> int:
-    model = skeleton(BackboneSpec(name="vit_small_patch14_dinov2", weights="none", img_size=img_size, num_classes=2))
-    with torch.device("meta"):
-        methods.apply(model, method, **options)
-    return methods.count_trainable(model, include_head=False)
+    spec = BackboneSpec(name="vit_small_patch14_dinov2", weights="none", img_size=img_size, num_classes=2)
+    return count_params(spec, method, options).without_head  # tests/test_experiment.py checks it in closed form
 
 
 def test_fine_tune_form_follows_the_method_and_counts_live(home: Path) -> None:

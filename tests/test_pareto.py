@@ -11,6 +11,7 @@ import pytest
 from core.pareto import (
     POINT_COLUMNS,
     combine_points,
+    fronts_by_kind,
     load_reference_results,
     pareto_front,
     ppt_score,
@@ -219,3 +220,23 @@ def test_combine_points_runs_and_references() -> None:
     assert front.loc[3:].any()  # reference rows compete on the same axes
     assert list(combine_points(None, None).columns) == list(POINT_COLUMNS)
     assert combine_points(pd.DataFrame(), refs)["kind"].eq("reference").all()
+
+
+def test_each_kind_has_its_own_front() -> None:
+    runs = pd.DataFrame(
+        {
+            "id": ["small", "big", "worse"],
+            "method": ["lora", "full", "adapter"],
+            "test_acc": [40.0, 50.0, 45.0],
+            "trainable_params": [1_000, 80_000_000, 90_000_000],
+        }
+    )
+    refs = pd.DataFrame(  # dominates every run: fewer parameters, higher accuracy
+        {"label": ["ref", "ref dominated"], "method": ["x", "y"], "accuracy": [99.0, 90.0], "params": [10.0, 20.0]}
+    )
+    points = combine_points(runs, refs)
+    front = fronts_by_kind(points)
+    assert front.name == "front" and front.index.equals(points.index)
+    assert front.tolist() == [True, True, False, True, False]
+    assert not pareto_front(points).iloc[:3].any()  # one front over both kinds would drop every run
+    assert fronts_by_kind(combine_points(None, None)).empty

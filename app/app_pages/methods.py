@@ -5,10 +5,10 @@ import sys
 
 import pandas as pd
 import streamlit as st
-import timm
-import torch
 
 from core import methods
+from core.backbone import BackboneSpec
+from core.experiment import count_params, native_img_size
 
 st.title("PETLab")
 st.write(
@@ -21,17 +21,16 @@ model_name = st.selectbox(
     "Backbone shape", ["vit_small_patch14_dinov2", "vit_tiny_patch16_224", "vit_base_patch16_224"]
 )
 classes = st.number_input("Classes", min_value=2, max_value=10_000, value=100)
+shape = BackboneSpec(name=model_name, weights="none", img_size=native_img_size(model_name), num_classes=int(classes))
 rows = []
 for name in methods.list_methods():
-    with torch.device("meta"):  # shapes only: counts without allocating weights
-        model = timm.create_model(model_name, pretrained=False, num_classes=int(classes))
-        methods.apply(model, name)
+    count = count_params(shape, name)  # on a weightless copy: shapes only
     method = methods.get_method(name)
     rows.append(
         {
             "method": name,
-            "trainable (no head)": methods.count_trainable(model, include_head=False),
-            "trainable (with head)": methods.count_trainable(model, include_head=True),
+            "trainable (no head)": count.without_head,
+            "trainable (with head)": count.with_head,
             "mergeable": method.mergeable,
             "what it does": method.summary,
             "paper": method.paper,
@@ -41,26 +40,16 @@ st.dataframe(pd.DataFrame(rows), hide_index=True)
 
 st.header("Learn: where PETLab differs from the official code")
 st.markdown(
-    """
-Where the papers' released code and the papers disagree, PETLab follows what produced the published numbers and
-offers the other reading as an option; where the code has a bug, PETLab fixes it and says so.
-
-- **FacT** keeps two choices of the official code that the paper does not state: dropout (0.1) on the rank-r code
-  just before V, and TK's fc1/fc2 core layout (`tk_layout="official"`), which is not the per-slice Tucker form.
-  `tk_layout="tucker"` gives the textbook form with the same parameter count. V starts at zero, so the model equals
-  the pretrained one at step 0.
-- **RLRR**'s official initialisation is **not** the identity: l and c are kaiming-uniform and the SSF scale/shift
-  start at N(1, .02) / N(0, .02), so each weight is scaled by (1 + l_i c_j) from the first step (std about 0.07).
-  `init="official"` reproduces that; `init="identity"` zeroes l and starts SSF at exactly 1 and 0.
-- **KAdaptation** fixes three things in the official code: it zero-initialises only one fast factor (the code
-  zeroes both, so the Kronecker part never trains), adds the update to W_q / W_v before the attention scaling so it
-  merges exactly, and gives the v slice its own fast weights.
-- **SSF**'s official initialisation is likewise N(1, .02) / N(0, .02); `init="identity"` starts at 1 and 0.
-- **Every method** wraps timm's own `nn.Linear` layers (no patched forwards, timm keeps its fused attention), and
-  every run selects its checkpoint on validation and measures the test split once, where several official scripts
-  report the best test accuracy over epochs.
-"""
+    "Where the papers' released code and the papers disagree, PETLab follows what produced the published numbers and "
+    "offers the other reading as an option; where the code has a bug, PETLab fixes it and says so."
 )
+notes = [methods.get_method(name).differs_from_official for name in methods.list_methods()]
+every_method = (
+    "**Every method** wraps timm's own `nn.Linear` layers (no patched forwards, timm keeps its fused attention), and "
+    "every run selects its checkpoint on validation and measures the test split once, where several official "
+    "scripts report the best test accuracy over epochs."
+)
+st.markdown("\n".join(f"- {note}" for note in [*notes, every_method] if note))
 with st.expander("Each method's notes, from its source"):
     by_module: dict[str, list[str]] = {}
     for name in methods.list_methods():

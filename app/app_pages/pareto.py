@@ -3,7 +3,7 @@
 import streamlit as st
 
 from app import charts, state
-from core.pareto import combine_points, pareto_front
+from core.pareto import combine_points, fronts_by_kind
 
 TABLE = ["kind", "label", "method", "accuracy", "params", "params_convention", "ppt", "front", "backbone", "dataset",
          "source"]  # fmt: skip
@@ -40,11 +40,7 @@ else:
     st.info("No completed run yet: your runs appear here once they complete (accuracy = test accuracy).")
 
 points = combine_points(runs, refs, prefer=head)
-points["front"] = False
-for kind in ("run", "reference"):  # one front per kind: your dataset and the benchmark are different tasks
-    rows = points["kind"] == kind
-    if rows.any():
-        points.loc[rows, "front"] = pareto_front(points[rows], x="params", y="accuracy").to_numpy()
+points["front"] = fronts_by_kind(points)  # your dataset and the benchmark are different tasks
 
 st.plotly_chart(charts.pareto(points), key="pareto.chart")
 st.caption(

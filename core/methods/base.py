@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import types
-import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -22,6 +20,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from core.config import coerce_fields
 
 MATRICES: tuple[str, ...] = ("q", "k", "v", "proj", "fc1", "fc2")
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -214,52 +214,22 @@ class MethodConfig:
 
     @classmethod
     def from_options(cls, **options: Any) -> MethodConfig:
-        """Build from keyword options (from Python, the CLI or a saved file), coercing strings to field types."""
+        """Build from keyword options (from Python, the CLI or a saved file), text converted to the field types.
+
+        Raises:
+            ValueError: an unknown option, or a value that is not of its field's type.
+        """
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - set(fields))
         if unknown:
             allowed = ", ".join(fields) or "none"
             raise ValueError(f"unknown option(s) {', '.join(unknown)} for this method; allowed: {allowed}")
-        hints = typing.get_type_hints(cls)
-        values = {name: _coerce(name, value, hints[name]) for name, value in options.items()}
-        return cls(**values)
+        return cls(**coerce_fields(cls, options))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (targets as their text form)."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return {k: (str(v) if isinstance(v, Targets) else v) for k, v in values.items()}
-
-
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """Coerce an option value to its field type; strings from the CLI or metadata are accepted."""
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() == "none"):
-            return None
-        hint = args[0]
-    if typing.get_origin(hint) is typing.Literal:
-        allowed = typing.get_args(hint)
-        if value not in allowed:
-            raise ValueError(f"option {name}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
-        return value
-    if hint is Targets:
-        return Targets.parse(value)
-    try:
-        if hint is bool:
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError
-                return value.lower() in ("true", "1", "yes")
-            return bool(value)
-        if hint is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if hint is float:
-            return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"option {name}={value!r} must be of type {hint.__name__}") from None
-    return value
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -177,5 +177,11 @@ register(
         identity_at_init=lambda c: True,
         summary="FacT: the encoder's updates as one tensor, factorised (TT or Tucker) with shared U, V",
         paper="Jie & Deng, FacT: Factor-Tuning for Lightweight Adaptation on Vision Transformer, AAAI 2023",
+        differs_from_official=(
+            "**FacT** keeps two choices of the official code that the paper does not state: dropout (0.1) on the "
+            'rank-r code just before V, and TK\'s fc1/fc2 core layout (`tk_layout="official"`), which is not the '
+            'per-slice Tucker form. `tk_layout="tucker"` gives the textbook form with the same parameter count. V '
+            "starts at zero, so the model equals the pretrained one at step 0."
+        ),
     )
 )

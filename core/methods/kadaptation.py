@@ -160,5 +160,10 @@ register(
         identity_at_init=lambda c: True,
         summary="KAdaptation: sums of Kronecker products, slow weights shared across blocks, low-rank fast weights",
         paper="He et al., Parameter-efficient Model Adaptation for Vision Transformers, AAAI 2023",
+        differs_from_official=(
+            "**KAdaptation** fixes three things in the official code: it zero-initialises only one fast factor (the "
+            "code zeroes both, so the Kronecker part never trains), adds the update to W_q / W_v before the "
+            "attention scaling so it merges exactly, and gives the v slice its own fast weights."
+        ),
     )
 )

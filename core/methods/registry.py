@@ -46,6 +46,8 @@ class Method:
         identity_at_init: whether the adapted model equals the pretrained one at step 0, for a given config.
         summary: one line for menus and ``--help``.
         paper: citation of the method.
+        differs_from_official: where PETLab departs from the method's official code and why (Markdown, shown on
+            the Methods page); empty where it follows that code.
     """
 
     name: str
@@ -56,6 +58,7 @@ class Method:
     identity_at_init: Callable[[Any], bool]
     summary: str
     paper: str
+    differs_from_official: str = ""
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -167,9 +170,9 @@ def matrix_entries(
     ``slices``)."""
     if not name.endswith("attn.qkv"):
         return {name: (w0, dw)}
-    d = w0.shape[0] // len(QKV_SLICES)
-    rows = {m: slice(i * d, (i + 1) * d) for i, m in enumerate(QKV_SLICES)}
-    return {f"{name}.{m}": (w0[rows[m]], dw[rows[m]]) for m in QKV_SLICES if m in slices}
+    width = w0.shape[0] // len(QKV_SLICES)
+    rows = {part: slice(i * width, (i + 1) * width) for i, part in enumerate(QKV_SLICES)}
+    return {f"{name}.{part}": (w0[rows[part]], dw[rows[part]]) for part in QKV_SLICES if part in slices}
 
 
 # ----------------------------------------------------------------------------------------------------------------

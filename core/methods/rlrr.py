@@ -107,5 +107,11 @@ register(
         identity_at_init=lambda c: c.init == "identity",
         summary="RLRR: each weight rescaled by a residual rank-1 matrix, W * (1 + l c^T), plus SSF on the norms",
         paper="Dong et al., Low-Rank Rescaled Vision Transformer Fine-Tuning: A Residual Design Approach, CVPR 2024",
+        differs_from_official=(
+            "**RLRR**'s official initialisation is **not** the identity: l and c are kaiming-uniform and the SSF "
+            "scale/shift start at N(1, .02) / N(0, .02), so each weight is scaled by (1 + l_i c_j) from the first "
+            'step (std about 0.07). `init="official"` reproduces that; `init="identity"` zeroes l and starts '
+            "SSF at exactly 1 and 0."
+        ),
     )
 )

@@ -45,5 +45,9 @@ register(
         identity_at_init=lambda c: c.init == "identity",
         summary="SSF: per-channel scale and shift after every linear, norm and the patch embedding",
         paper="Lian et al., Scaling & Shifting Your Features, NeurIPS 2022",
+        differs_from_official=(
+            "**SSF**'s official initialisation is not the identity: the scale and shift start at N(1, .02) / "
+            'N(0, .02); `init="identity"` starts them at exactly 1 and 0.'
+        ),
     )
 )

@@ -21,7 +21,7 @@ import json
 import sys
 import typing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -30,33 +30,66 @@ from core.backbone import BackboneSpec
 from core.config import coerce_fields, field_docs
 from core.data import DataSpec, list_datasets
 from core.experiment import DEMO
-from core.train import Callback, StepInfo, TrainConfig, TrainResult
+from core.train import TrainConfig
+
+if TYPE_CHECKING:
+    from core.runs import RunStore
 
 DEMO_DATA, DEMO_TRAIN, DEMO_METHOD, DEMO_OPTIONS = DEMO.data, DEMO.train, DEMO.method, DEMO.options
+DETACH_HELP = (
+    "submit, print the run id and return at once (needs a Ray that outlives the command: --address, "
+    "$PETLAB_RAY_ADDRESS, or a local cluster that PETLab starts with `ray start --head` and you stop with `ray stop`)"
+)
 
 
-class ProgressBar(Callback):
-    """The command line's training progress: a tqdm bar over the steps (on stderr), each evaluation a line above it."""
+def _follow(store: RunStore, run_id: str, quiet: bool = False) -> dict[str, Any]:
+    """Show a submitted job's progress from the run store until it ends; Ctrl-C cancels it. Returns its record.
 
-    def __init__(self) -> None:
-        self.bar: tqdm | None = None
+    A fine-tune gets a tqdm bar over its steps (on stderr) with each evaluation a line above it; a measurement
+    prints each trial as it finishes."""
+    from core.jobs import wait
 
-    def on_start(self, total_steps: int, device: str) -> None:
-        self.bar = tqdm(total=total_steps, desc=f"training on {device}", unit="step", dynamic_ncols=True)
+    bar: tqdm | None = None
+    shown = {"evals": 0, "trials": 0, "queued": None}
 
-    def on_step(self, info: StepInfo) -> None:
-        assert self.bar is not None
-        self.bar.set_postfix_str(
-            f"loss {info.loss:.4f}  lr {info.lr:.2e}  {info.images_per_s:.0f} img/s", refresh=False
-        )
-        self.bar.update(info.step - self.bar.n)
+    def update(run: dict[str, Any]) -> None:
+        nonlocal bar
+        if quiet:
+            return
+        if run["status"] == "queued":
+            position = store.queue_position(run_id)
+            if position != shown["queued"]:
+                shown["queued"] = position
+                print(f"queued: number {position} in the queue for its resources", flush=True)
+            return
+        if run["kind"] == "intrinsic_dim":
+            trials = (run["result"] or {}).get("trials", [])
+            for trial in trials[shown["trials"] :]:
+                print(f"  {trial['group']:<16} d={trial['d']:<9} accuracy {trial['accuracy']:.3f}", flush=True)
+            shown["trials"] = len(trials)
+            return
+        if bar is None:
+            where = run["hostname"] + (f" (Ray node {run['node'][:8]})" if run["node"] else "")
+            bar = tqdm(total=run["train_config"]["steps"], desc=f"training on {where}", unit="step", dynamic_ncols=True)
+        history = store.metrics(run_id)
+        loss = history[(history["split"] == "train") & (history["name"] == "loss")]
+        if len(loss):
+            bar.set_postfix_str(f"loss {loss['value'].iloc[-1]:.4f}", refresh=False)
+        evals = history[(history["split"] == "val") & (history["name"] == "acc")]
+        for row in evals.iloc[shown["evals"] :].itertuples():
+            tqdm.write(f"  val @ step {row.step}: accuracy {row.value:.2f}%")
+        shown["evals"] = len(evals)
+        bar.update((run["steps"] or 0) - bar.n)
 
-    def on_eval(self, step: int, split: str, metrics: dict[str, float]) -> None:
-        tqdm.write(f"  {split} @ step {step}: accuracy {metrics['acc']:.2f}%  loss {metrics['loss']:.4f}")
-
-    def on_end(self, result: TrainResult) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    try:
+        return wait(store, run_id, on_update=update)
+    except KeyboardInterrupt:
+        print(f"\ncancelling run {run_id} ...", file=sys.stderr, flush=True)
+        store.request_cancel(run_id)
+        return wait(store, run_id)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser, cls: type, defaults: Any = None) -> None:
@@ -97,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--home", type=Path, default=None, help="run store folder (default: $PETLAB_HOME or ~/.local/share/petlab)"
     )
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to run jobs on, HOST:PORT of `ray start --head` or 'auto' (default: $PETLAB_RAY_ADDRESS, "
+        "else an embedded local Ray that lives as long as the command)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="fine-tune and record a run", description="Fine-tune and record a run.")
@@ -127,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(train.add_argument_group("training"), TrainConfig, DEMO_TRAIN)
     train.add_argument("--label", default=None, help="a short name for the run")
     train.add_argument("--quiet", action="store_true", help="no progress lines")
+    train.add_argument("--detach", action="store_true", help=DETACH_HELP)
     method_parsers = train.add_subparsers(dest="method", metavar="METHOD", help=", ".join(methods.list_methods()))
     for name in methods.list_methods():
         method = methods.get_method(name)
@@ -135,11 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
         )
         _add_config_arguments(method_parser, method.config)
 
-    runs = commands.add_parser("runs", help="list, show, export or delete runs")
+    runs = commands.add_parser("runs", help="list, show, cancel, wait for, export or delete runs")
     runs_cmd = runs.add_subparsers(dest="runs_command", required=True)
     list_runs = runs_cmd.add_parser("list", help="one line per run, newest first")
     list_runs.add_argument("--status", default=None)
     list_runs.add_argument("--method", default=None)
+    list_runs.add_argument(
+        "--kind", default="finetune", choices=("finetune", "intrinsic_dim", "all"), help="(default: finetune)"
+    )
+    list_runs.add_argument("--json", action="store_true", help="every run as one JSON list")
+    cancel = runs_cmd.add_parser("cancel", help="cancel a queued or running job")
+    cancel.add_argument("run_id")
+    wait = runs_cmd.add_parser("wait", help="wait until a job ends; exit 0 if it completed")
+    wait.add_argument("run_id")
+    wait.add_argument("--timeout", type=float, default=None, help="seconds (default: no limit)")
     show = runs_cmd.add_parser("show", help="everything recorded for one run")
     show.add_argument("run_id", help="a run id or a unique prefix of one")
     export = runs_cmd.add_parser("export", help="all runs to .csv or .parquet")
@@ -179,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         "strings separated by '|', one group each (default: attn-mlp)",
     )
     intrinsic_dim_parser.add_argument("--data-root", type=Path, default=None)
+    intrinsic_dim_parser.add_argument("--detach", action="store_true", help=DETACH_HELP)
     intrinsic_dim_parser.add_argument(
         "--out", type=Path, default=None, help="folder for curves.csv, groups.csv and result.json"
     )
@@ -283,51 +333,56 @@ def _pareto(ns: argparse.Namespace) -> int:
 
 
 def _intrinsic_dim(ns: argparse.Namespace) -> int:
-    from core.backbone import build_backbone
-    from core.data import load_data
-    from core.intrinsic_dim import IntrinsicDimConfig, measure_intrinsic_dimension
+    import pandas as pd
+
+    from core.experiment import IntrinsicDimRequest
+    from core.intrinsic_dim import IntrinsicDimConfig
 
     config = _coerced(IntrinsicDimConfig, _options(ns, IntrinsicDimConfig), IntrinsicDimConfig())
-    data = load_data(DataSpec(name=ns.dataset, img_size=ns.img_size, n_train=ns.n_train, n_val=ns.n_val), ns.data_root)
-    model, info = build_backbone(
-        BackboneSpec(name=ns.backbone, weights=ns.weights, img_size=ns.img_size, num_classes=data.num_classes)
-    )
-    groups = ns.groups.split("|") if "|" in ns.groups or ":" in ns.groups or "," in ns.groups else ns.groups
-    print(
-        f"intrinsic dimension of {groups} on {ns.dataset} ({len(data.train)} train, {len(data.val)} val), "
-        f"{info.description}",
-        flush=True,
-    )
-    result = measure_intrinsic_dimension(
-        model,
-        data.train,
-        data.val,
-        groups,
-        config,
-        on_trial=lambda g, d, acc: print(f"  {g:<16} d={d:<9} accuracy {acc:.3f}", flush=True),
-    )
-    print(result.table().to_string(index=False))
-    print(result.explanation)
-    print(f"recommended targets: {result.recommended}")
+    data = DataSpec(name=ns.dataset, img_size=ns.img_size, n_train=ns.n_train, n_val=ns.n_val)
+    backbone = BackboneSpec(name=ns.backbone, weights=ns.weights)
+    groups = tuple(ns.groups.split("|")) if "|" in ns.groups or ":" in ns.groups or "," in ns.groups else ns.groups
+    request = IntrinsicDimRequest(data=data, backbone=backbone, groups=groups, config=config)
+    run = _submit(ns, "intrinsic_dim", request, f"intrinsic dimension of {groups} on {ns.dataset}")
+    if run is None:
+        return 0
+    result = run["result"] or {}
+    if "groups" not in result:
+        print(f"measurement {run['id']}: {run['status']}: {run['message']}")
+        return 1
+    table = pd.DataFrame(result["groups"])
+    print(table.to_string(index=False))
+    print(result["explanation"])
+    print(f"recommended targets: {result['recommended']}")
+    print(f"measurement {run['id']}: {run['status']}: {run['message']}")
     if ns.out is not None:
         ns.out.mkdir(parents=True, exist_ok=True)
-        result.curves.to_csv(ns.out / "curves.csv", index=False)
-        result.table().to_csv(ns.out / "groups.csv", index=False)
-        summary = {
-            "recommended": result.recommended,
-            "explanation": result.explanation,
-            "head_only_accuracy": result.head_only_accuracy,
-            "majority_rate": result.majority_rate,
-            "config": dataclasses.asdict(config),
-            "notes": result.notes,
-        }
+        pd.DataFrame(result["curves"]).to_csv(ns.out / "curves.csv", index=False)
+        table.to_csv(ns.out / "groups.csv", index=False)
+        keys = ("recommended", "explanation", "head_only_accuracy", "majority_rate", "notes", "cancelled")
+        summary = {key: result[key] for key in keys} | {"run_id": run["id"], "config": dataclasses.asdict(config)}
         (ns.out / "result.json").write_text(json.dumps(summary, indent=2, default=str))
         print(f"wrote {ns.out}/curves.csv, groups.csv, result.json")
-    return 0
+    return 0 if run["status"] == "completed" else 1
+
+
+def _submit(ns: argparse.Namespace, kind: str, spec: Any, title: str) -> dict[str, Any] | None:
+    """Submit a job to Ray and, unless ``--detach``, follow it to its end; returns its record (None if detached)."""
+    from core import jobs
+    from core.runs import RunStore
+
+    store = RunStore(ns.home)
+    run_id = jobs.submit(kind, spec, store.root, address=ns.address, persistent=ns.detach, data_root=ns.data_root)
+    where = f"Ray at {jobs.connect()}" + ("" if jobs.on_cluster() else " (embedded)")
+    print(f"PETLab: {title}: run {run_id} on {where}; runs in {store.root}", flush=True)
+    if ns.detach:
+        print(f"detached: follow it with `python -m core runs wait {run_id}`, cancel it with `runs cancel {run_id}`")
+        return None
+    return _follow(store, run_id, quiet=getattr(ns, "quiet", False))
 
 
 def _train(ns: argparse.Namespace) -> int:
-    from core.experiment import Experiment, run_experiment, validate
+    from core.experiment import Experiment
     from core.runs import RunStore
 
     method = ns.method or DEMO_METHOD
@@ -341,32 +396,34 @@ def _train(ns: argparse.Namespace) -> int:
     config = _coerced(TrainConfig, _options(ns, TrainConfig), DEMO_TRAIN)
     backbone = BackboneSpec(name=ns.backbone, weights=ns.weights, drop_path_rate=ns.drop_path_rate)
     experiment = Experiment(data=data, backbone=backbone, method=method, options=options, train=config, label=ns.label)
-    checked = validate(experiment)  # a bad option fails here, before anything is loaded or recorded
-    store = RunStore(ns.home)
-    print(
-        f"PETLab: {method} {checked.experiment.options} on {data.name} at {data.img_size} px, "
-        f"backbone {ns.backbone} ({ns.weights}); runs in {store.root}",
-        flush=True,
-    )
-    callbacks = [] if ns.quiet else [ProgressBar()]
-    run_id = run_experiment(checked, store, callbacks, data_root=ns.data_root)
-    run = store.get_run(run_id)
-    print(f"run {run_id}: {run['status']}: {run['message']}")
-    print(
-        f"trainable parameters {run['trainable_params']:,} (with head {run['trainable_params_with_head']:,}); "
-        f"wall time {run['wall_time_s']:.1f} s; adapter {store.adapter_path(run_id)}"
-    )
+    title = f"{method} on {data.name} at {data.img_size} px, backbone {ns.backbone} ({ns.weights})"
+    run = _submit(ns, "finetune", experiment, title)  # a bad option fails here, before anything is recorded
+    if run is None:
+        return 0
+    print(f"run {run['id']}: {run['status']}: {run['message']}")
+    if run["trainable_params"] is not None:
+        print(
+            f"{run['method']} {run['method_options']}; trainable parameters {run['trainable_params']:,} "
+            f"(with head {run['trainable_params_with_head']:,}); wall time {run['wall_time_s'] or 0:.1f} s"
+        )
+    if run["adapter_file"]:
+        print(f"adapter {RunStore(ns.home).adapter_path(run['id'])}")
     return 0 if run["status"] == "completed" else 1
 
 
 def _runs(ns: argparse.Namespace) -> int:
     import pandas as pd
 
+    from core.jobs import wait
     from core.runs import RunStore
 
     store = RunStore(ns.home)
     if ns.runs_command == "list":
-        table = store.list_runs(status=ns.status, method=ns.method)
+        kind = None if ns.kind == "all" else ns.kind
+        if ns.json:
+            print(json.dumps(_runs_json(store, store.list_runs(status=ns.status, method=ns.method, kind=kind))))
+            return 0
+        table = store.list_runs(status=ns.status, method=ns.method, kind=kind)
         if table.empty:
             print(f"no runs in {store.root}")
             return 0
@@ -374,6 +431,7 @@ def _runs(ns: argparse.Namespace) -> int:
             c
             for c in (
                 "id",
+                "kind",
                 "status",
                 "method",
                 "dataset.name",
@@ -389,6 +447,17 @@ def _runs(ns: argparse.Namespace) -> int:
             print(table[cols].to_string(index=False))
     elif ns.runs_command == "show":
         print(json.dumps(store.get_run(ns.run_id), indent=2, default=str))
+    elif ns.runs_command == "cancel":
+        run_id = store.resolve(ns.run_id)
+        status = store.request_cancel(run_id)
+        if status == "running":
+            print(f"run {run_id}: cancel requested; it stops before its next training step", flush=True)
+            status = wait(store, run_id, timeout=120)["status"]
+        print(f"run {run_id}: {status}")
+    elif ns.runs_command == "wait":
+        run = _follow(store, store.resolve(ns.run_id)) if ns.timeout is None else wait(store, ns.run_id, ns.timeout)
+        print(f"run {run['id']}: {run['status']}: {run['message']}")
+        return 0 if run["status"] == "completed" else 1
     elif ns.runs_command == "export":
         print(f"wrote {store.export(ns.path)}")
     elif ns.runs_command == "delete":
@@ -396,6 +465,16 @@ def _runs(ns: argparse.Namespace) -> int:
         store.delete_run(run_id)
         print(f"deleted run {run_id}")
     return 0
+
+
+def _runs_json(store: RunStore, table: Any) -> list[dict[str, Any]]:
+    """Every listed run as a JSON-ready dict: its record, and its queue position while it is queued."""
+    runs = []
+    for run_id in table["id"]:
+        run = store.get_run(run_id)
+        run["queue_position"] = store.queue_position(run_id)
+        runs.append(json.loads(json.dumps(run, default=str)))
+    return runs
 
 
 def _params(ns: argparse.Namespace) -> int:
@@ -425,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
             "pareto": _pareto,
         }
         return commands[ns.command](ns)
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, TimeoutError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
 

@@ -385,6 +385,7 @@ def run_intrinsic_dim(
         data = load_data(request.data, data_root)
         spec = dataclasses.replace(request.backbone, img_size=request.data.img_size, num_classes=data.num_classes)
         model, info = build_backbone(spec)
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
         store.update_run(run_id, weights=info.to_dict(), result={"trials": trials, "phase": "measuring"})
 
         def trial_done(group: str, d: int, accuracy: float) -> None:

@@ -25,6 +25,8 @@ import hashlib
 import logging
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -52,26 +54,47 @@ _connect_lock = threading.Lock()
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Connecting
 # ----------------------------------------------------------------------------------------------------------------
-def connect(address: str | None = None, num_cpus: int | None = None) -> str:
+def connect(address: str | None = None, num_cpus: int | None = None, persistent: bool = False) -> str:
     """Connect this process to Ray once; later calls return at once. Returns the cluster's address.
 
     Args:
-        address: An existing cluster (``HOST:PORT`` of ``ray start --head``, or ``auto``); None means
-            ``$PETLAB_RAY_ADDRESS``, and when that is unset an embedded local Ray that lives as long as this process.
-        num_cpus: CPUs of the embedded Ray (default: this machine's cores); ignored for an existing cluster.
+        address: An existing cluster (``HOST:PORT`` of ``ray start --head``, or ``auto`` for the one running on
+            this machine); None means ``$PETLAB_RAY_ADDRESS``, and when that is unset an embedded local Ray that
+            lives as long as this process.
+        num_cpus: CPUs of a Ray started here (default: this machine's cores); ignored for an existing cluster.
+        persistent: With no address, use a local cluster that outlives this process (jobs that must go on after
+            the command returns): the one running on this machine, else one started with ``ray start --head``.
     """
     import ray
 
     with _connect_lock:
-        if not ray.is_initialized():
-            address = address or os.environ.get(ADDRESS_ENV) or None
-            quiet = dict(logging_level=logging.ERROR, log_to_driver=False, namespace=NAMESPACE)
-            if address:
-                ray.init(address=address, **quiet)
-                _connection["cluster"] = True
-            else:  # "local" starts a new Ray even if another one runs on this machine
-                ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **quiet)
+        if ray.is_initialized():
+            return ray.get_runtime_context().gcs_address
+        address = address or os.environ.get(ADDRESS_ENV) or None
+        quiet = dict(logging_level=logging.ERROR, log_to_driver=False, namespace=NAMESPACE)
+        cpus = num_cpus or os.cpu_count() or 1
+        if address is None and persistent:
+            try:
+                ray.init(address="auto", **quiet)
+            except ConnectionError:
+                _start_local_cluster(cpus)
+                ray.init(address="auto", **quiet)
+            _connection["cluster"] = True
+        elif address:
+            ray.init(address=address, **quiet)
+            _connection["cluster"] = True
+        else:  # "local" starts a new Ray even if another one runs on this machine
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
         return ray.get_runtime_context().gcs_address
+
+
+def _start_local_cluster(num_cpus: int) -> None:
+    """``ray start --head`` on this machine: a Ray that runs until ``ray stop``."""
+    command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--num-cpus={num_cpus}"]
+    command += ["--include-dashboard=false", "--disable-usage-stats"]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"could not start a local Ray cluster ({' '.join(command)}):\n{done.stderr[-2000:]}")
 
 
 def on_cluster() -> bool:
@@ -184,12 +207,13 @@ class _Manager:
             self.pending.pop(run_id, None)
 
 
-def manager(root: Path | str | None = None, address: str | None = None) -> Any:
-    """The job manager of the run store under ``root`` (created on this node on first use), connecting first."""
+def manager(root: Path | str | None = None, address: str | None = None, persistent: bool = False) -> Any:
+    """The job manager of the run store under ``root`` (created on this node on first use), connecting first
+    (`connect`'s arguments)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    connect(address)
+    connect(address, persistent=persistent)
     folder = str(Path(root).expanduser().resolve() if root is not None else default_root().resolve())
     if folder in _managers:
         return _managers[folder]
@@ -213,6 +237,12 @@ def manager(root: Path | str | None = None, address: str | None = None) -> Any:
 _managers: dict[str, Any] = {}
 
 
+def forget_managers() -> None:
+    """Drop this process's manager handles (before ``ray.shutdown``, so a later `connect` starts afresh)."""
+    _managers.clear()
+    _connection["cluster"] = False
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 3. The worker
 # ----------------------------------------------------------------------------------------------------------------
@@ -227,9 +257,12 @@ class RemoteStore:
         self.handle = handle
 
     def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        import ray
-
-        return ray.get(self.handle.store_call.remote(name, *args, **kwargs))
+        """Call the manager and wait for its answer without ``ray.get``: a task blocked in ``ray.get`` or
+        ``ray.wait`` lends its CPUs back to Ray, which would start a queued job beside this one."""
+        answer = self.handle.store_call.remote(name, *args, **kwargs).future()
+        while not answer.done():
+            time.sleep(0.002)
+        return answer.result()
 
     def start_run(self, run_id: str) -> None:
         import ray
@@ -283,6 +316,7 @@ def submit(
     root: Path | str | None = None,
     *,
     address: str | None = None,
+    persistent: bool = False,
     resources: Resources | None = None,
     data_root: Path | None = None,
     owner: str | None = None,
@@ -296,6 +330,7 @@ def submit(
         spec: What to run.
         root: The run store folder (default `default_root`).
         address: A Ray cluster (default ``$PETLAB_RAY_ADDRESS``, else the embedded local Ray).
+        persistent: Run it on a Ray that outlives this process even without an address (`connect`).
         resources: What the job reserves (default `default_resources` for the spec's device).
         data_root: Folder that ``folder:`` and ``vtab:`` paths must lie in, on the worker's node.
         owner: Who starts it (recorded; the app lets only its owner cancel it when sign-in is configured).
@@ -314,10 +349,10 @@ def submit(
         device = spec.experiment.train.device
     elif kind == "intrinsic_dim":
         record = experiment.measurement_record(spec)  # type: ignore[arg-type]
-        device = spec.config.device  # type: ignore[union-attr]
+        device = "auto"  # the measurement runs where its worker's model is: on its GPU when it has one
     else:
         raise ValueError(f"a job is a 'finetune' or an 'intrinsic_dim' measurement, not {kind!r}")
-    handle = manager(root, address)
+    handle = manager(root, address, persistent)
     reserved = (resources or default_resources(device)).resolved()
     job = {"spec": spec, "data_root": data_root}
     record = {**record, "owner": owner, "sweep_id": sweep_id}

@@ -1,0 +1,163 @@
+"""The job engine on a real local Ray (num_cpus=2): queueing by resources, cancelling, killed workers, restarts,
+and intrinsic-dimension measurements kept in the run store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from core import jobs
+from core.backbone import BackboneSpec
+from core.data import DataSpec
+from core.experiment import Experiment, IntrinsicDimRequest
+from core.intrinsic_dim import IntrinsicDimConfig
+from core.runs import RunStore
+from core.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_BACKBONE = BackboneSpec(name="vit_tiny_patch16_224", weights="none")
+TINY_DATA = DataSpec(name="digits", img_size=32, n_train=64, n_val=32, n_test=32)
+TWO_CPUS = jobs.Resources(cpus=2)
+
+
+def tiny_experiment(steps: int, eval_every: int = 10) -> Experiment:
+    return Experiment(
+        data=TINY_DATA,
+        backbone=TINY_BACKBONE,
+        method="fact",
+        options={"rank": 2},
+        train=TrainConfig(steps=steps, batch_size=16, warmup_steps=1, eval_every=eval_every),
+    )
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    jobs.connect(num_cpus=2)
+    yield
+    jobs.forget_managers()
+    ray.shutdown()
+
+
+@pytest.fixture
+def store(tmp_path: Path, ray_cluster) -> RunStore:
+    return RunStore(tmp_path / "home")
+
+
+def until(predicate, timeout: float = 120.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def test_two_jobs_on_a_two_cpu_reservation_run_one_at_a_time(store: RunStore) -> None:
+    first = jobs.submit("finetune", tiny_experiment(steps=60), store.root, resources=TWO_CPUS)
+    second = jobs.submit("finetune", tiny_experiment(steps=20), store.root, resources=TWO_CPUS)
+    until(lambda: store.get_run(first)["status"] == "running", what="the first job to start")
+    run = store.get_run(second)
+    assert run["status"] == "queued" and store.queue_position(second) == 1
+    assert run["resources"] == {"CPU": 2.0}
+    for run_id in (first, second):
+        run = jobs.wait(store, run_id, timeout=300)
+        assert run["status"] == "completed", run["message"]
+        assert run["node"] and run["hostname"] and run["device"] == "cpu"
+        assert store.adapter_path(run_id).is_file()  # the worker sent its bytes back
+    # One after the other: the second trained only once the first had finished (a worker waiting for the job
+    # manager must not lend its CPUs to the queued job).
+    assert store.metrics(second)["time"].min() >= store.metrics(first)["time"].max()
+    assert store.get_run(first)["steps"] == 60 and store.get_run(second)["steps"] == 20
+
+
+def test_cancel_a_queued_and_a_running_job(store: RunStore) -> None:
+    running = jobs.submit(
+        "finetune", tiny_experiment(steps=100_000, eval_every=100_000), store.root, resources=TWO_CPUS
+    )
+    queued = jobs.submit("finetune", tiny_experiment(steps=20), store.root, resources=TWO_CPUS)
+    until(lambda: (store.get_run(running)["steps"] or 0) >= 10, what="the first job to train 10 steps")
+    assert store.request_cancel(queued) == "cancelled"
+    assert store.request_cancel(running) == "running"
+    run = jobs.wait(store, running, timeout=60)
+    assert run["status"] == "cancelled" and 10 <= run["steps"] < 100_000
+    assert f"after {run['steps']} of 100000 steps" in run["message"]
+    assert not store.adapter_path(running).exists()
+    run = store.get_run(queued)
+    assert (run["status"], run["steps"], run["message"]) == ("cancelled", 0, "cancelled while queued")
+    time.sleep(2 * jobs.POLL_S + 1)  # the cancelled queued task must not start afterwards
+    assert store.get_run(queued)["status"] == "cancelled" and store.metrics(queued).empty
+
+
+def test_a_killed_worker_leaves_its_run_interrupted_and_the_store_intact(store: RunStore) -> None:
+    victim = jobs.submit("finetune", tiny_experiment(steps=100_000, eval_every=100_000), store.root)
+    until(lambda: (store.get_run(victim)["steps"] or 0) >= 10, what="the job to train 10 steps")
+    os.kill(store.get_run(victim)["pid"], signal.SIGKILL)
+    run = until(lambda: (r := store.get_run(victim))["status"] != "running" and r, timeout=60, what="the run to end")
+    assert run["status"] == "interrupted" and "worker died" in run["message"]
+    assert len(store.metrics(victim)) > 0  # its history is kept
+    after = jobs.submit("finetune", tiny_experiment(steps=10), store.root)  # the engine goes on
+    assert jobs.wait(store, after, timeout=300)["status"] == "completed"
+    assert set(store.list_runs()["id"]) == {victim, after}
+
+
+def test_an_intrinsic_dimension_measurement_is_stored_and_read_back(store: RunStore) -> None:
+    config = IntrinsicDimConfig(steps=3, batch_size=16, d_min=4, d_max=16, max_trials=3)
+    request = IntrinsicDimRequest(data=TINY_DATA, backbone=TINY_BACKBONE, groups=("q,v:0", "fc2:0"), config=config)
+    run_id = jobs.submit("intrinsic_dim", request, store.root)
+    run = jobs.wait(store, run_id, timeout=300)
+    assert run["kind"] == "intrinsic_dim" and run["status"] == "completed", run["message"]
+    result = run["result"]
+    assert [g["group"] for g in result["groups"]] == ["q,v:0", "fc2:0"]
+    assert len(result["trials"]) == run["steps"] == len(result["curves"])
+    assert {t["kind"] for t in result["trials"]} == {"full", "subspace"}
+    assert result["explanation"] and "recommended" in result
+    assert list(store.list_runs(kind="intrinsic_dim")["id"]) == [run_id]
+    assert run_id not in set(store.list_runs()["id"])  # the default listing is fine-tunes
+    reopened = RunStore(store.root).get_run(run_id)  # what a reloaded page reads
+    assert reopened["result"] == result
+
+
+def test_bad_options_are_refused_before_anything_is_recorded(store: RunStore) -> None:
+    bad = Experiment(data=TINY_DATA, backbone=TINY_BACKBONE, method="fact", options={"rank": 0})
+    with pytest.raises(ValueError, match="rank"):
+        jobs.submit("finetune", bad, store.root)
+    with pytest.raises(ValueError, match="group"):
+        jobs.submit(
+            "intrinsic_dim", IntrinsicDimRequest(data=TINY_DATA, backbone=TINY_BACKBONE, groups=("zz",)), store.root
+        )
+    assert store.list_runs(kind=None).empty
+
+
+STOPPED_APP = """
+import sys, time
+from core import jobs
+from core.runs import RunStore
+from tests.test_jobs import TWO_CPUS, tiny_experiment
+store = RunStore(sys.argv[1])
+running = jobs.submit("finetune", tiny_experiment(100_000, 100_000), store.root, resources=TWO_CPUS)
+queued = jobs.submit("finetune", tiny_experiment(10), store.root, resources=TWO_CPUS)
+while (store.get_run(running)["steps"] or 0) < 10:
+    time.sleep(0.2)
+print(running, queued, flush=True)
+"""
+
+
+def test_stopping_the_embedded_ray_marks_its_jobs_interrupted_at_the_next_start(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", STOPPED_APP, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    running, queued = done.stdout.split()
+    store = RunStore(tmp_path)  # the next start: its embedded Ray, manager and worker are gone
+    for run_id in (running, queued):
+        run = store.get_run(run_id)
+        assert run["status"] == "interrupted" and "is gone" in run["message"], run

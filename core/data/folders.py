@@ -1,0 +1,247 @@
+"""The user's images on disk: ImageFolder-style class folders and VTAB-1k task folders.
+
+Paths must resolve inside a data root. Every selected file is opened, verified and decoded before anything is
+returned; bad ones are reported in `DataBundle.skipped` (or refused with ``on_bad_file="error"``). Splits whose
+uint8 images fit in `MATERIALISE_BYTES` are kept in memory, larger ones are decoded per item.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from core.data.datasets import DataBundle, FileImageDataset, ImageDataset, TensorImageDataset
+from core.data.images import load_image
+from core.data.spec import SPLITS, DataSpec, default_data_root
+from core.data.splits import cap_split, partition
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+    | {".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi"}
+)
+VTAB_LISTS = ("train800.txt", "val200.txt", "train800val200.txt", "test.txt")
+MATERIALISE_BYTES = 256 * 2**20  # a folder split whose uint8 images fit in this is kept in memory
+
+
+def resolve_inside(path: str | Path, data_root: Path) -> Path:
+    """Resolve path (relative to data_root; symlinks and ``..`` followed); refuse it outside the root."""
+    root = Path(data_root).expanduser().resolve()
+    target = Path(path).expanduser()
+    resolved = (target if target.is_absolute() else root / target).resolve()
+    if not resolved.is_relative_to(root):
+        raise ValueError(
+            f"{path} resolves to {resolved}, outside the allowed data root {root}; move the data under the "
+            "root, or set PETLAB_DATA_ROOT (or pass data_root=) to a folder that contains it"
+        )
+    return resolved
+
+
+_EMPTY_CLASS = "class folder holds no image files; left out of the classes"
+
+
+def _list_folder(folder: Path) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, str]]]:
+    """Class names, (relative file, label) candidates and non-image files of an ImageFolder-style folder.
+
+    Hidden files and folders (``.name``) are ignored; class folders without any image file are left out (and
+    reported) rather than given a label no image has.
+    """
+    skipped: list[tuple[str, str]] = []
+    class_dirs: list[Path] = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            class_dirs.append(entry)
+        else:
+            skipped.append((entry.name, "not inside a class folder; put each image in a subfolder named by class"))
+    classes: list[str] = []
+    candidates: list[tuple[str, int]] = []
+    for class_dir in class_dirs:
+        found: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(class_dir):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if name.startswith("."):
+                    continue
+                rel = (Path(dirpath) / name).relative_to(folder).as_posix()
+                suffix = Path(name).suffix.lower()
+                if suffix in IMAGE_EXTENSIONS:
+                    found.append(rel)
+                else:
+                    skipped.append((rel, f"not an image file (extension {suffix or 'none'!r})"))
+        if found:
+            candidates += [(rel, len(classes)) for rel in found]
+            classes.append(class_dir.name)
+        else:
+            skipped.append((class_dir.name + "/", _EMPTY_CLASS))
+    return classes, candidates, skipped
+
+
+def _read_list(path: Path) -> list[tuple[str, int]]:
+    """Parse a VTAB list file: lines ``relative/path label``; blank lines are ignored."""
+    entries: list[tuple[str, int]] = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(maxsplit=1)
+        where = f"{path.name} line {lineno} ({line.strip()!r})"
+        if len(parts) != 2:
+            raise ValueError(f"{where}: expected 'relative/path/to/image.jpg label'")
+        try:
+            label = int(parts[1])
+        except ValueError:
+            raise ValueError(f"{where}: label {parts[1]!r} is not an integer class index") from None
+        if label < 0:
+            raise ValueError(f"{where}: label {label} is negative; class indices start at 0")
+        entries.append((parts[0].strip(), label))
+    return entries
+
+
+def _check_file(path: Path, root: Path, img_size: int) -> tuple[Tensor | None, str | None]:
+    """Open, verify and fully decode one file as training will; (image, None) or (None, reason)."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root):
+        return None, f"resolves to {resolved}, outside the data root {root}"
+    if not resolved.exists():
+        return None, "file not found"
+    if not resolved.is_file():
+        return None, "not a regular file"
+    if resolved.stat().st_size == 0:
+        return None, "empty file (0 bytes)"
+    try:
+        with Image.open(resolved) as img:
+            img.verify()  # checksums and structure; the image must be reopened after this
+        return load_image(resolved, img_size), None
+    except UnidentifiedImageError:
+        return None, "not a readable image (Pillow cannot identify its format)"
+    except Exception as exc:  # truncated data, decompression bombs, unsupported modes...
+        return None, f"unreadable image: {type(exc).__name__}: {exc}"
+
+
+def _check_files(
+    files: list[Path],
+    keep: list[bool],
+    root: Path,
+    img_size: int,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[list[Tensor | None], list[str | None]]:
+    """Check files in a few threads (Pillow decodes without the GIL); keep the wanted images as uint8."""
+    images: list[Tensor | None] = []
+    reasons: list[str | None] = []
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        checked = pool.map(lambda f: _check_file(f, root, img_size), files)
+        for done, ((image, reason), wanted) in enumerate(zip(checked, keep, strict=True), start=1):
+            images.append(image.mul(255.0).round_().to(torch.uint8) if image is not None and wanted else None)
+            reasons.append(reason)
+            if progress is not None:
+                progress(done, len(files))
+    return images, reasons
+
+
+def _load_files(
+    spec: DataSpec,
+    folder: Path,
+    root: Path,
+    split_entries: dict[str, list[tuple[str, int]]],
+    classes: list[str],
+    skipped: list[tuple[str, str]],
+    progress: Callable[[int, int], None] | None,
+) -> DataBundle:
+    """Check the selected files of each split, drop (or refuse) bad ones, and build the datasets."""
+    order = [(split, rel, label) for split in SPLITS for rel, label in split_entries[split]]
+    per_image = 3 * spec.img_size**2
+    keep = {s: len(split_entries[s]) * per_image <= MATERIALISE_BYTES for s in SPLITS}
+    files = [folder / rel for _, rel, _ in order]
+    images, reasons = _check_files(files, [keep[s] for s, _, _ in order], root, spec.img_size, progress)
+    bad = [(rel, reason) for (_, rel, _), reason in zip(order, reasons, strict=True) if reason is not None]
+    bad += [item for item in skipped if item[1] != _EMPTY_CLASS]  # an empty class folder is only a note
+    if bad and spec.on_bad_file == "error":
+        listing = "; ".join(f"{rel}: {reason}" for rel, reason in bad)
+        raise ValueError(
+            f"{len(bad)} bad file(s) in {folder}: {listing}. Fix or remove them, or use on_bad_file='skip'"
+        )
+    skipped = skipped + [(rel, reason) for (_, rel, _), reason in zip(order, reasons, strict=True) if reason]
+    datasets: dict[str, ImageDataset] = {}
+    for split in SPLITS:
+        rows = [i for i, (s, _, _) in enumerate(order) if s == split and reasons[i] is None]
+        if not rows:
+            n_listed = sum(s == split for s, _, _ in order)
+            raise ValueError(
+                f"the {split} split of {folder} is empty: all {n_listed} file(s) chosen for it are "
+                "unreadable; add readable images"
+            )
+        labels = [order[i][2] for i in rows]
+        paths = [folder / order[i][1] for i in rows]
+        flip = spec.augment and split == "train"
+        if keep[split]:
+            stacked = torch.stack([image for i in rows if (image := images[i]) is not None])
+            datasets[split] = TensorImageDataset(stacked, labels, spec.normalization, flip, files=paths)
+        else:
+            datasets[split] = FileImageDataset(paths, labels, spec.img_size, spec.normalization, flip)
+    present = sorted(set(datasets["train"].labels.tolist()))
+    if len(present) < 2:
+        raise ValueError(
+            f"the train split of {folder} holds only class {[classes[c] for c in present]}; it needs "
+            "images of at least two classes"
+        )
+    train, val, test = (datasets[s] for s in SPLITS)
+    return DataBundle(train=train, val=val, test=test, classes=classes, spec=spec, skipped=skipped)
+
+
+def _load_folder(spec: DataSpec, folder: Path, root: Path, progress: Callable[[int, int], None] | None) -> DataBundle:
+    classes, candidates, skipped = _list_folder(folder)
+    if len(classes) < 2:
+        raise ValueError(
+            f"{folder} has {len(classes)} class folder(s) with images ({', '.join(classes) or 'none'}); an "
+            "image folder needs one subfolder per class and at least two classes"
+        )
+    labels = np.array([label for _, label in candidates], dtype=np.int64)
+    parts = partition(labels, spec)
+    split_entries = {split: [candidates[i] for i in idx] for split, idx in parts.items()}
+    return _load_files(spec, folder, root, split_entries, classes, skipped, progress)
+
+
+def _load_vtab(spec: DataSpec, folder: Path, root: Path, progress: Callable[[int, int], None] | None) -> DataBundle:
+    """The splits of a VTAB-1k task folder; classes are 0 .. the largest label in any list, named by index."""
+    names = {"train": "train800val200.txt" if spec.vtab_final else "train800.txt", "val": "val200.txt"}
+    names["test"] = "test.txt"
+    missing = [name for name in names.values() if not (folder / name).is_file()]
+    if missing:
+        raise ValueError(
+            f"VTAB folder {folder} is missing {', '.join(missing)}; a VTAB-1k task folder holds "
+            f"{', '.join(VTAB_LISTS)} with lines 'relative/path/to/image.jpg label'"
+        )
+    lists = {split: _read_list(folder / name) for split, name in names.items()}
+    for split, entries in lists.items():
+        if not entries:
+            raise ValueError(f"{names[split]} in {folder} lists no images, so the {split} split would be empty")
+    num_classes = 1 + max(label for entries in lists.values() for _, label in entries)
+    if len({label for _, label in lists["train"]}) < 2:
+        raise ValueError(f"{names['train']} in {folder} has fewer than two classes; a classifier needs two or more")
+    split_entries: dict[str, list[tuple[str, int]]] = {}
+    for split, entries in lists.items():
+        labels = np.array([label for _, label in entries], dtype=np.int64)
+        idx = cap_split(np.arange(len(entries)), labels, getattr(spec, f"n_{split}"), spec.seed)
+        split_entries[split] = [entries[i] for i in idx]
+    classes = [str(c) for c in range(num_classes)]
+    return _load_files(spec, folder, root, split_entries, classes, [], progress)
+
+
+def load_from_disk(
+    spec: DataSpec, data_root: Path | str | None, progress: Callable[[int, int], None] | None
+) -> DataBundle:
+    """The splits of a ``folder:`` or ``vtab:`` spec, whose path must resolve inside data_root."""
+    root = Path(data_root if data_root is not None else default_data_root()).expanduser().resolve()
+    folder = resolve_inside(spec.path or "", root)
+    if not folder.is_dir():
+        raise ValueError(f"{spec.path} ({folder}) is not an existing folder")
+    if spec.kind == "folder":
+        return _load_folder(spec, folder, root, progress)
+    return _load_vtab(spec, folder, root, progress)

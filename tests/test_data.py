@@ -148,6 +148,18 @@ def test_stratified_split_proportions_and_disjointness() -> None:
         stratified_split(labels, [60, 50], seed=0)
 
 
+def test_stratified_split_draws_uniformly_where_it_cannot_stratify() -> None:
+    singleton = np.array([0] * 10 + [1] * 10 + [2])  # scikit-learn cannot stratify a class of one item
+    tiny_part = np.repeat(np.arange(16), 3)  # nor a part smaller than the number of classes
+    for labels, sizes in ((singleton, [5, 5, 11]), (tiny_part, [4, 40])):
+        parts = stratified_split(labels, sizes, seed=3)
+        assert [len(p) for p in parts] == sizes
+        assert len(np.unique(np.concatenate(parts))) == sum(sizes)
+        again, other = stratified_split(labels, sizes, seed=3), stratified_split(labels, sizes, seed=4)
+        assert all(np.array_equal(p, q) for p, q in zip(parts, again, strict=True))
+        assert not all(np.array_equal(p, q) for p, q in zip(parts, other, strict=True))
+
+
 def test_splits_are_disjoint_seeded_and_nested_under_caps() -> None:
     def split_indices(seed: int, **caps: Any) -> dict[str, set[int]]:
         bundle = load_data(DataSpec(name="digits", seed=seed, **caps, **SMALL))
@@ -382,6 +394,29 @@ def test_paths_outside_the_data_root_are_refused(tmp_path: Path) -> None:
     assert len(load_data(_folder_spec(Path("inside")), data_root=root).classes) == 2  # relative to the root
     with pytest.raises(ValueError, match="not an existing folder"):
         load_data(_folder_spec(root / "nowhere"), data_root=root)
+
+
+def test_linked_folders_are_followed_inside_the_root_only(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    for cls in ("a", "b"):
+        for i in range(4):
+            _save_png(root / "pets" / cls / f"{i}.png", "L", 0.5)
+            _save_png(root / "more" / cls / f"{i}.png", "L", 0.5)
+    (root / "pets" / "a" / "more_a").symlink_to(root / "more" / "a", target_is_directory=True)
+    bundle = load_data(_folder_spec(root / "pets"), data_root=root)
+    assert len(bundle.train) + len(bundle.val) + len(bundle.test) == 12
+    assert np.bincount(np.concatenate([s.labels for s in (bundle.train, bundle.val, bundle.test)])).tolist() == [8, 4]
+    (root / "pets" / "b" / "again").symlink_to(root / "more" / "a", target_is_directory=True)
+    with pytest.raises(ValueError, match=r"b/again in .* is the same folder as a/more_a"):
+        load_data(_folder_spec(root / "pets"), data_root=root)
+    (root / "pets" / "b" / "again").unlink()
+    (root / "pets" / "b" / "loop").symlink_to(root / "pets" / "b", target_is_directory=True)
+    with pytest.raises(ValueError, match=r"b/loop in .* is the same folder as b \(through a symbolic link"):
+        load_data(_folder_spec(root / "pets"), data_root=root)
+    (root / "pets" / "b" / "loop").unlink()
+    (root / "pets" / "b" / "away").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(ValueError, match=r"b/away in .* links to .*, outside the data root"):
+        load_data(_folder_spec(root / "pets"), data_root=root)
 
 
 # ------------------------------------------------------------------------------------------------------------

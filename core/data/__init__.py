@@ -15,12 +15,12 @@ Where the data comes from (``DataSpec.name``):
     - ``vtab:PATH``: a VTAB-1k task directory with ``train800.txt``, ``val200.txt``, ``train800val200.txt``
       and ``test.txt`` (lines ``relative/path.jpg label``).
     Relative PATHs are taken relative to the data root; every path must resolve (symlinks and ``..`` included)
-    inside that root.
+    inside that root, and so must every linked folder inside it.
 
-Splits: the VTAB lists are the official split; every other source is partitioned once, stratified and
-seeded, by ``val_fraction`` / ``test_fraction``, and each part is then subsampled (stratified) down to
-``n_train`` / ``n_val`` / ``n_test``. The caps never move an image from one part to another, so the test
-images of a small run are a subset of those of a full run with the same seed.
+Splits: the VTAB lists are the official split; every other source is partitioned once, stratified (by
+scikit-learn's ``train_test_split``) and seeded, by ``val_fraction`` / ``test_fraction``, and each part is then
+subsampled (stratified) down to ``n_train`` / ``n_val`` / ``n_test``. The caps never move an image from one part
+to another, so the test images of a small run are a subset of those of a full run with the same seed.
 
 Storage: small datasets (all offline ones, and folder splits under `MATERIALISE_BYTES`) are decoded and
 resized once into a single uint8 tensor (N, C, S, S), C = 1 for grayscale sources, and normalised per item.

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
+from torchvision.datasets.folder import find_classes, make_dataset
 
 from core.data.datasets import DataBundle, FileImageDataset, ImageDataset, TensorImageDataset
 from core.data.images import load_image
@@ -46,42 +47,67 @@ def resolve_inside(path: str | Path, data_root: Path) -> Path:
 _EMPTY_CLASS = "class folder holds no image files; left out of the classes"
 
 
-def _list_folder(folder: Path) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, str]]]:
-    """Class names, (relative file, label) candidates and non-image files of an ImageFolder-style folder.
+def _list_folder(folder: Path, root: Path) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, str]]]:
+    """Class names, (relative file, label) candidates and files left out, of an ImageFolder-style folder.
 
-    Hidden files and folders (``.name``) are ignored; class folders without any image file are left out (and
-    reported) rather than given a label no image has.
+    torchvision's `find_classes` / `make_dataset` list it: classes sorted by name, files by path, links to
+    folders followed. Hidden files and folders (``.name``) are ignored; files beside the class folders and files
+    without an image extension are reported; class folders without any image file are left out (and reported)
+    rather than given a label no image has. Linked folders must stay inside root (see `_check_linked_folders`).
     """
-    skipped: list[tuple[str, str]] = []
-    class_dirs: list[Path] = []
-    for entry in sorted(folder.iterdir()):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_dir():
-            class_dirs.append(entry)
-        else:
-            skipped.append((entry.name, "not inside a class folder; put each image in a subfolder named by class"))
-    classes: list[str] = []
-    candidates: list[tuple[str, int]] = []
-    for class_dir in class_dirs:
-        found: list[str] = []
-        for dirpath, dirnames, filenames in os.walk(class_dir):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(filenames):
-                if name.startswith("."):
-                    continue
-                rel = (Path(dirpath) / name).relative_to(folder).as_posix()
-                suffix = Path(name).suffix.lower()
-                if suffix in IMAGE_EXTENSIONS:
-                    found.append(rel)
-                else:
-                    skipped.append((rel, f"not an image file (extension {suffix or 'none'!r})"))
-        if found:
-            candidates += [(rel, len(classes)) for rel in found]
-            classes.append(class_dir.name)
-        else:
-            skipped.append((class_dir.name + "/", _EMPTY_CLASS))
-    return classes, candidates, skipped
+    skipped = [
+        (entry.name, "not inside a class folder; put each image in a subfolder named by class")
+        for entry in sorted(os.scandir(folder), key=lambda entry: entry.name)
+        if not entry.name.startswith(".") and not entry.is_dir()
+    ]
+    try:
+        class_dirs = [name for name in find_classes(folder)[0] if not name.startswith(".")]
+    except FileNotFoundError:  # no subfolder at all
+        class_dirs = []
+    if not class_dirs:
+        return [], [], skipped
+    _check_linked_folders(folder, root, class_dirs)
+
+    def is_image(path: str) -> bool:
+        relative = Path(path).relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts):
+            return False
+        suffix = relative.suffix.lower()
+        if suffix not in IMAGE_EXTENSIONS:
+            skipped.append((relative.as_posix(), f"not an image file (extension {suffix or 'none'!r})"))
+        return suffix in IMAGE_EXTENSIONS
+
+    class_to_index = {name: index for index, name in enumerate(class_dirs)}
+    listed = make_dataset(folder, class_to_index, is_valid_file=is_image, allow_empty=True)
+    with_images = sorted({index for _, index in listed})
+    label_of = {index: label for label, index in enumerate(with_images)}
+    candidates = [(Path(path).relative_to(folder).as_posix(), label_of[index]) for path, index in listed]
+    skipped += [(name + "/", _EMPTY_CLASS) for index, name in enumerate(class_dirs) if index not in label_of]
+    return [class_dirs[index] for index in with_images], candidates, skipped
+
+
+def _check_linked_folders(folder: Path, root: Path, class_dirs: list[str]) -> None:
+    """Refuse links to folders that `make_dataset` would follow out of the data root, or to one folder twice.
+
+    Files outside the root would only be refused one by one after a walk there (of the whole disk, for a link
+    to ``/``); a folder reached twice would have its images listed twice, and a link to a parent folder endlessly.
+    """
+    seen: dict[Path, str] = {}
+    for name in class_dirs:
+        for dirpath, _, _ in os.walk(folder / name, followlinks=True):  # stops at the first refusal
+            relative = Path(dirpath).relative_to(folder).as_posix()
+            real = Path(dirpath).resolve()
+            if not real.is_relative_to(root):
+                raise ValueError(
+                    f"{relative} in {folder} links to {real}, outside the data root {root}; move that folder "
+                    "under the root or remove the link"
+                )
+            if real in seen:
+                raise ValueError(
+                    f"{relative} in {folder} is the same folder as {seen[real]} (through a symbolic link), so "
+                    "its images would be listed twice (or endlessly, for a link to a parent folder); remove the link"
+                )
+            seen[real] = relative
 
 
 def _read_list(path: Path) -> list[tuple[str, int]]:
@@ -196,7 +222,7 @@ def _load_files(
 
 
 def _load_folder(spec: DataSpec, folder: Path, root: Path, progress: Callable[[int, int], None] | None) -> DataBundle:
-    classes, candidates, skipped = _list_folder(folder)
+    classes, candidates, skipped = _list_folder(folder, root)
     if len(classes) < 2:
         raise ValueError(
             f"{folder} has {len(classes)} class folder(s) with images ({', '.join(classes) or 'none'}); an "

@@ -13,35 +13,42 @@ from core.data.spec import SPLITS, DataSpec
 def stratified_split(labels: npt.ArrayLike, sizes: Sequence[int], seed: int) -> list[npt.NDArray[np.int64]]:
     """Draw disjoint index sets of the given sizes, each with the class proportions of ``labels``.
 
-    Each class's share of a part is rounded by largest remainder (ties broken at random), within what is left
-    of that class after the earlier parts. Indices come back sorted.
+    Each part is drawn from what the earlier parts left, by scikit-learn's ``train_test_split(stratify=...)``:
+    each class's share is rounded by largest remainder, ties broken at random. Scikit-learn cannot stratify a
+    draw that leaves a class with one item, or where the part or what remains after it is smaller than the
+    number of classes; such a part is drawn uniformly at random instead. Indices come back sorted.
 
     Args:
         labels: Class of each item, shape (N,).
         sizes: Size of each part; their sum may not exceed N.
-        seed: Decides which items of each class go where.
+        seed: Decides which items of each class go where (for a given scikit-learn version).
     """
+    from sklearn.model_selection import train_test_split  # on use, so that `import core.data` stays light
+
     labels = np.asarray(labels, dtype=np.int64)
     if sum(sizes) > len(labels) or min(sizes, default=0) < 0:
         raise ValueError(f"cannot draw parts of sizes {list(sizes)} from {len(labels)} items")
-    rng = np.random.default_rng([seed, 7])
-    classes, counts = np.unique(labels, return_counts=True)
-    pools = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]  # what is left of each class
-    share = counts / counts.sum()
+    random_state = np.random.RandomState(seed)  # one stream for all parts: each draw continues it
+    remaining = np.arange(len(labels))
     parts: list[npt.NDArray[np.int64]] = []
     for size in sizes:
-        left = np.array([len(p) for p in pools])
-        quota = size * share
-        take = np.minimum(np.floor(quota).astype(np.int64), left)
-        # Hand out the remaining units by largest fractional part, then round-robin to any class with room.
-        order = np.lexsort((rng.random(len(classes)), -(quota - np.floor(quota))))
-        while take.sum() < size:
-            for c in order:
-                if take.sum() < size and take[c] < left[c]:
-                    take[c] += 1
-        parts.append(np.sort(np.concatenate([p[:k] for p, k in zip(pools, take, strict=True)])))
-        pools = [p[k:] for p, k in zip(pools, take, strict=True)]
+        if size in (0, len(remaining)):  # train_test_split refuses an empty part or an empty rest
+            part, remaining = remaining[:size], remaining[size:]
+        else:
+            part, remaining = train_test_split(
+                remaining,
+                train_size=size,
+                random_state=random_state,
+                stratify=_strata(labels[remaining], size),
+            )
+        parts.append(np.sort(part))
     return parts
+
+
+def _strata(labels: npt.NDArray[np.int64], size: int) -> npt.NDArray[np.int64] | None:
+    """labels when scikit-learn can stratify a draw of size items from them, else None (a uniform draw)."""
+    counts = np.unique(labels, return_counts=True)[1]
+    return labels if counts.min() >= 2 and min(size, len(labels) - size) >= len(counts) else None
 
 
 def part_sizes(n: int, spec: DataSpec) -> tuple[int, int, int]:

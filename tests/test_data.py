@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +14,27 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from core import data as D
-from core.data import DataSpec, load_data
+from core.data import (
+    SPLITS,
+    DataSpec,
+    FileImageDataset,
+    ImageDataset,
+    TensorImageDataset,
+    folders,
+    image_to_array,
+    list_datasets,
+    load_data,
+    make_loader,
+    make_procedural,
+    stratified_split,
+    unnormalize,
+)
 
 SMALL: dict[str, Any] = dict(img_size=16, normalization="none", n_generated=240)
 NUM_CLASSES = {"digits": 10, "mnist5k": 10, "lfw-faces": 2, "count": 6, "orientation": 8, "location": 16}
 
 
-def _stack(ds: D.ImageDataset) -> torch.Tensor:
+def _stack(ds: ImageDataset) -> torch.Tensor:
     return torch.stack([ds[i][0] for i in range(len(ds))])
 
 
@@ -30,7 +44,7 @@ def _stack(ds: D.ImageDataset) -> torch.Tensor:
 
 
 def test_list_datasets_and_unknown_name() -> None:
-    assert D.list_datasets() == ["digits", "mnist5k", "lfw-faces", "count", "orientation", "location"]
+    assert list_datasets() == ["digits", "mnist5k", "lfw-faces", "count", "orientation", "location"]
     with pytest.raises(ValueError, match=r"unknown dataset 'cifar10'.*mnist5k.*folder:"):
         DataSpec(name="cifar10")
     with pytest.raises(ValueError, match="names no folder"):
@@ -115,7 +129,7 @@ def test_normalisation_is_affine_on_the_raw_values(
     normed = load_data(spec)
     expected = (_stack(raw.train) - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     torch.testing.assert_close(_stack(normed.train), expected)
-    torch.testing.assert_close(D.unnormalize(_stack(normed.train), normalization), _stack(raw.train))
+    torch.testing.assert_close(unnormalize(_stack(normed.train), normalization), _stack(raw.train))
     if normalization == "half":
         images = _stack(normed.train)
         assert images.min() == -1.0 and images.max() == 1.0
@@ -128,17 +142,29 @@ def test_normalisation_is_affine_on_the_raw_values(
 
 def test_stratified_split_proportions_and_disjointness() -> None:
     labels = np.array([0] * 50 + [1] * 30 + [2] * 20)
-    parts = D.stratified_split(labels, [10, 20, 30], seed=0)
+    parts = stratified_split(labels, [10, 20, 30], seed=0)
     assert [np.bincount(labels[p], minlength=3).tolist() for p in parts] == [[5, 3, 2], [10, 6, 4], [15, 9, 6]]
     assert len(np.unique(np.concatenate(parts))) == 60
     with pytest.raises(ValueError, match="cannot draw"):
-        D.stratified_split(labels, [60, 50], seed=0)
+        stratified_split(labels, [60, 50], seed=0)
+
+
+def test_stratified_split_draws_uniformly_where_it_cannot_stratify() -> None:
+    singleton = np.array([0] * 10 + [1] * 10 + [2])  # scikit-learn cannot stratify a class of one item
+    tiny_part = np.repeat(np.arange(16), 3)  # nor a part smaller than the number of classes
+    for labels, sizes in ((singleton, [5, 5, 11]), (tiny_part, [4, 40])):
+        parts = stratified_split(labels, sizes, seed=3)
+        assert [len(p) for p in parts] == sizes
+        assert len(np.unique(np.concatenate(parts))) == sum(sizes)
+        again, other = stratified_split(labels, sizes, seed=3), stratified_split(labels, sizes, seed=4)
+        assert all(np.array_equal(p, q) for p, q in zip(parts, again, strict=True))
+        assert not all(np.array_equal(p, q) for p, q in zip(parts, other, strict=True))
 
 
 def test_splits_are_disjoint_seeded_and_nested_under_caps() -> None:
     def split_indices(seed: int, **caps: Any) -> dict[str, set[int]]:
         bundle = load_data(DataSpec(name="digits", seed=seed, **caps, **SMALL))
-        return {s: set(getattr(bundle, s).indices.tolist()) for s in D.SPLITS}
+        return {s: set(getattr(bundle, s).indices.tolist()) for s in SPLITS}
 
     a, again, other = split_indices(0), split_indices(0), split_indices(1)
     assert a == again
@@ -161,9 +187,9 @@ def test_caps_are_stratified() -> None:
 
 @pytest.mark.parametrize("name", ["count", "orientation", "location"])
 def test_procedural_is_deterministic_and_balanced(name: str) -> None:
-    images, labels = D.make_procedural(name, 64, seed=5)
-    images2, labels2 = D.make_procedural(name, 64, seed=5)
-    images3, _ = D.make_procedural(name, 64, seed=6)
+    images, labels = make_procedural(name, 64, seed=5)
+    images2, labels2 = make_procedural(name, 64, seed=5)
+    images3, _ = make_procedural(name, 64, seed=6)
     np.testing.assert_array_equal(images, images2)
     np.testing.assert_array_equal(labels, labels2)
     assert not np.array_equal(images, images3)
@@ -171,7 +197,7 @@ def test_procedural_is_deterministic_and_balanced(name: str) -> None:
     counts = np.bincount(labels, minlength=NUM_CLASSES[name])
     assert counts.max() - counts.min() <= 1
     bundle = load_data(DataSpec(name=name, seed=5, **{**SMALL, "n_generated": 64}))
-    generated_labels = D.make_procedural(name, 64, seed=5)[1]
+    generated_labels = make_procedural(name, 64, seed=5)[1]
     np.testing.assert_array_equal(bundle.test.labels, generated_labels[bundle.test.indices])
 
 
@@ -181,13 +207,13 @@ def _components(image: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def test_count_images_hold_label_plus_one_objects() -> None:
-    images, labels = D.make_procedural("count", 150, seed=11)
+    images, labels = make_procedural("count", 150, seed=11)
     found = np.array([_components(image)[1] for image in images])
     np.testing.assert_array_equal(found, labels + 1)
 
 
 def test_orientation_label_is_the_bars_angle_bin() -> None:
-    images, labels = D.make_procedural("orientation", 150, seed=12)
+    images, labels = make_procedural("orientation", 150, seed=12)
     for image, label in zip(images, labels, strict=True):
         comp, n = _components(image)
         assert n == 2  # the bar and the disc distractor
@@ -204,7 +230,7 @@ def test_orientation_label_is_the_bars_angle_bin() -> None:
 
 
 def test_location_label_is_the_filled_discs_cell() -> None:
-    images, labels = D.make_procedural("location", 150, seed=13)
+    images, labels = make_procedural("location", 150, seed=13)
     for image, label in zip(images, labels, strict=True):
         comp, n = _components(image)
         filled = [comp == k for k in range(1, n + 1) if ndimage.binary_fill_holes(comp == k).sum() == (comp == k).sum()]
@@ -223,17 +249,17 @@ def test_sixteen_bit_and_other_modes_convert_properly() -> None:
     expected = ramp / 65535.0
     for img in (Image.fromarray(ramp), Image.fromarray(ramp.astype(np.int32))):  # I;16 and I
         assert img.mode in ("I;16", "I")
-        out = D.image_to_array(img)
+        out = image_to_array(img)
         assert out.shape == (1, 4, 3)
         np.testing.assert_allclose(out[..., 0], expected, atol=1e-6)  # 1000 -> 0.015, not clipped to 1
         np.testing.assert_array_equal(out[..., 0], out[..., 2])
     rgba = np.zeros((1, 2, 4), dtype=np.uint8)
     rgba[0, 0] = (255, 0, 0, 255)  # opaque red stays red; fully transparent shows the white background
-    np.testing.assert_allclose(D.image_to_array(Image.fromarray(rgba, "RGBA"))[0], [[1, 0, 0], [1, 1, 1]])
+    np.testing.assert_allclose(image_to_array(Image.fromarray(rgba, "RGBA"))[0], [[1, 0, 0], [1, 1, 1]])
     palette = Image.new("P", (2, 1))
     palette.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
     palette.putpixel((1, 0), 1)
-    np.testing.assert_allclose(D.image_to_array(palette)[0], [[0, 0, 0], [0, 1, 0]])
+    np.testing.assert_allclose(image_to_array(palette)[0], [[0, 0, 0], [0, 1, 0]])
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -301,9 +327,9 @@ def test_large_folder_splits_load_lazily_with_the_same_values(
     image_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     eager = load_data(_folder_spec(image_folder), data_root=image_folder.parent)
-    monkeypatch.setattr(D, "MATERIALISE_BYTES", 0)
+    monkeypatch.setattr(folders, "MATERIALISE_BYTES", 0)
     lazy = load_data(_folder_spec(image_folder), data_root=image_folder.parent)
-    assert isinstance(eager.train, D.TensorImageDataset) and isinstance(lazy.train, D.FileImageDataset)
+    assert isinstance(eager.train, TensorImageDataset) and isinstance(lazy.train, FileImageDataset)
     assert eager.train.files == lazy.train.files
     torch.testing.assert_close(_stack(lazy.train), _stack(eager.train), atol=0.5 / 255 + 1e-6, rtol=0)
     lazy.train.paths[0].unlink()
@@ -322,26 +348,26 @@ def test_augment_mirrors_only_the_training_split(image_folder: Path) -> None:
 
 def test_loader_batches_and_seeded_order(image_folder: Path) -> None:
     bundle = load_data(_folder_spec(image_folder), data_root=image_folder.parent)
-    images, labels = next(iter(D.make_loader(bundle.train, batch_size=4)))
+    images, labels = next(iter(make_loader(bundle.train, batch_size=4)))
     assert images.shape == (4, 3, 12, 12) and labels.dtype == torch.int64
     items = torch.utils.data.TensorDataset(torch.arange(30))
 
     def order(seed: int) -> list[int]:
-        return torch.cat([b[0] for b in D.make_loader(items, batch_size=7, shuffle=True, seed=seed)]).tolist()
+        return torch.cat([b[0] for b in make_loader(items, batch_size=7, shuffle=True, seed=seed)]).tolist()
 
     assert order(1) == order(1) != order(2)
     assert sorted(order(1)) == list(range(30))
-    assert torch.cat([b[0] for b in D.make_loader(items, batch_size=7)]).tolist() == list(range(30))
+    assert torch.cat([b[0] for b in make_loader(items, batch_size=7)]).tolist() == list(range(30))
 
 
 def test_batched_fetch_equals_item_by_item() -> None:
     bundle = load_data(DataSpec(name="lfw-faces", img_size=16, n_train=24))
-    images, labels = next(iter(D.make_loader(bundle.train, batch_size=24)))  # goes through __getitems__
+    images, labels = next(iter(make_loader(bundle.train, batch_size=24)))  # goes through __getitems__
     torch.testing.assert_close(images, _stack(bundle.train))
     assert labels.tolist() == bundle.train.labels.tolist()
     flipping = load_data(DataSpec(name="lfw-faces", img_size=16, n_train=24, augment=True))
     torch.manual_seed(0)
-    assert isinstance(flipping.train, D.TensorImageDataset)
+    assert isinstance(flipping.train, TensorImageDataset)
     mirrored = torch.stack([x for x, _ in flipping.train.__getitems__(list(range(24)))])
     same = [torch.equal(m, x) for m, x in zip(mirrored, images, strict=True)]
     flipped = [torch.equal(m, x.flip(-1)) for m, x in zip(mirrored, images, strict=True)]
@@ -354,6 +380,36 @@ def test_folder_with_one_class_is_refused(tmp_path: Path) -> None:
     (tmp_path / "one" / "empty_class").mkdir()
     with pytest.raises(ValueError, match=r"has 1 class folder.*\(only\).*at least two classes"):
         load_data(_folder_spec(tmp_path / "one"), data_root=tmp_path)
+
+
+def test_class_folder_whose_every_file_is_refused_is_left_out(image_folder: Path) -> None:
+    birds = image_folder / "birds"
+    birds.mkdir()
+    (birds / "empty.png").write_bytes(b"")
+    (birds / "fake.jpg").write_text("not a jpeg")
+    bundle = load_data(_folder_spec(image_folder), data_root=image_folder.parent)
+    assert bundle.classes == ["cats", "dogs"]
+    for split in (bundle.train, bundle.val, bundle.test):
+        assert split.labels.min() >= 0 and split.labels.max() <= 1
+        for i in range(len(split)):  # the labels still name the right class: cats 0.25 grey, dogs 0.75
+            image, label = split[i]
+            assert abs(float(image[0, 0, 0]) - (0.25 + 0.5 * label)) < 0.01
+    reasons = dict(bundle.skipped)
+    assert reasons["birds/"] == "class left out: all 2 of its files chosen for the splits were refused"
+    assert "empty file" in reasons["birds/empty.png"] and "not a readable image" in reasons["birds/fake.jpg"]
+    assert bundle.summary()["num_classes"] == 2
+
+
+def test_folder_left_with_one_readable_class_is_refused(tmp_path: Path) -> None:
+    for i in range(6):
+        _save_png(tmp_path / "pets" / "cats" / f"{i}.png", "L", 0.5)
+        (tmp_path / "pets" / "dogs").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "pets" / "dogs" / f"{i}.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"every file of the class folder\(s\) dogs in .* was refused") as info:
+        load_data(_folder_spec(tmp_path / "pets"), data_root=tmp_path)
+    message = str(info.value)
+    assert "leaves 1 class(es) with readable images (cats)" in message and "Fix or replace those files" in message
+    assert len(re.findall(r"dogs/\d\.png: empty file \(0 bytes\)", message)) == 3 and message.endswith("; ...)")
 
 
 def test_paths_outside_the_data_root_are_refused(tmp_path: Path) -> None:
@@ -369,6 +425,29 @@ def test_paths_outside_the_data_root_are_refused(tmp_path: Path) -> None:
     assert len(load_data(_folder_spec(Path("inside")), data_root=root).classes) == 2  # relative to the root
     with pytest.raises(ValueError, match="not an existing folder"):
         load_data(_folder_spec(root / "nowhere"), data_root=root)
+
+
+def test_linked_folders_are_followed_inside_the_root_only(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    for cls in ("a", "b"):
+        for i in range(4):
+            _save_png(root / "pets" / cls / f"{i}.png", "L", 0.5)
+            _save_png(root / "more" / cls / f"{i}.png", "L", 0.5)
+    (root / "pets" / "a" / "more_a").symlink_to(root / "more" / "a", target_is_directory=True)
+    bundle = load_data(_folder_spec(root / "pets"), data_root=root)
+    assert len(bundle.train) + len(bundle.val) + len(bundle.test) == 12
+    assert np.bincount(np.concatenate([s.labels for s in (bundle.train, bundle.val, bundle.test)])).tolist() == [8, 4]
+    (root / "pets" / "b" / "again").symlink_to(root / "more" / "a", target_is_directory=True)
+    with pytest.raises(ValueError, match=r"b/again in .* is the same folder as a/more_a"):
+        load_data(_folder_spec(root / "pets"), data_root=root)
+    (root / "pets" / "b" / "again").unlink()
+    (root / "pets" / "b" / "loop").symlink_to(root / "pets" / "b", target_is_directory=True)
+    with pytest.raises(ValueError, match=r"b/loop in .* is the same folder as b \(through a symbolic link"):
+        load_data(_folder_spec(root / "pets"), data_root=root)
+    (root / "pets" / "b" / "loop").unlink()
+    (root / "pets" / "b" / "away").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(ValueError, match=r"b/away in .* links to .*, outside the data root"):
+        load_data(_folder_spec(root / "pets"), data_root=root)
 
 
 # ------------------------------------------------------------------------------------------------------------

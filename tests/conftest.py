@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 import timm
@@ -38,3 +39,16 @@ def tiny_vit(shape: str, num_classes: int = 5, seed: int = 0) -> nn.Module:
 @pytest.fixture(params=list(TINY_SHAPES))
 def shape(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """A local Ray with 2 CPUs for the whole session (starting one takes seconds), shut down at the end."""
+    import ray
+
+    from core import jobs
+
+    jobs.connect(num_cpus=2)
+    yield
+    jobs.forget_managers()
+    ray.shutdown()

@@ -1,5 +1,5 @@
 """The app: every page through streamlit's AppTest (no browser), on an empty run store and with one tiny completed
-run, and the background-job machinery of app/state.py driven directly.
+run, and the pages' jobs on a local Ray (the ``ray_local`` fixture).
 
 AppTest runs the scripts in this process, so ``PETLAB_HOME`` is set (monkeypatch) before each run and every page
 reads the store it names. Training here is tiny: the offline backbone at 28 px (4 patches), 2 steps.
@@ -20,10 +20,10 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from app import charts, state
-from core import methods
+from core import jobs, methods
 from core.backbone import BackboneSpec
 from core.data import DataSpec
-from core.experiment import Experiment, count_params, run_experiment
+from core.experiment import Experiment, IntrinsicDimRequest, count_params, run_experiment
 from core.intrinsic_dim import IntrinsicDimConfig
 from core.pareto import ppt_score
 from core.runs import RunStore
@@ -223,30 +223,45 @@ def test_fine_tune_form_follows_the_method_and_counts_live(home: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Background jobs
+# Jobs: submitted to a local Ray, followed through the run store
 # ----------------------------------------------------------------------------------------------------------------
-def test_training_jobs_complete_and_cancel_in_the_background(home: Path) -> None:
+def test_the_fine_tune_page_follows_its_job_and_cancels_it(home: Path, ray_local: None) -> None:
     store = RunStore(home)
-    done = state.start_training(tiny_experiment(), root=home)
-    wait_for(lambda: done.run_id is not None and store.get_run(done.run_id)["status"] != "running")
-    assert store.get_run(done.run_id)["status"] == "completed"
-    assert done.wait(10) and done.status == "completed" and done.result == done.run_id
-
-    long = state.start_training(tiny_experiment(steps=1000), root=home)
-    wait_for(lambda: long.step >= 1)
-    long.cancel()
-    assert long.wait(30) and long.status == "cancelled"
-    run = store.get_run(long.run_id)
-    assert run["status"] == "cancelled" and run["steps"] < 1000
-
-    # The Fine-tune page shows the job its session started, from the run store.
-    at = open_page("app_pages/train.py", **{"train.job": done.id})
+    done = state.submit("finetune", tiny_experiment(), root=home)
+    assert jobs.wait(store, done, timeout=300)["status"] == "completed"
+    at = open_page("app_pages/train.py", run=done)  # the job this session started
     assert any("completed" in s.value for s in at.success)
-    assert metric(at, "Run id") == done.run_id
+    assert metric(at, "Run id") == done
+    assert not [b for b in at.button if b.key == "ft.cancel"]
+
+    long = state.submit("finetune", tiny_experiment(steps=100_000), root=home)
+    wait_for(lambda: (store.get_run(long)["steps"] or 0) >= 10, timeout=300)
+    elsewhere = open_page("app_pages/train.py")  # another browser: sees the job live, cannot cancel it
+    assert metric(elsewhere, "Run id") == long and metric(elsewhere, "Status") == "running"
+    assert not [b for b in elsewhere.button if b.key == "ft.cancel"]
+
+    reloaded = AppTest.from_file(APP, default_timeout=60)
+    reloaded.query_params["run"] = long  # a reload keeps the page's address, and with it the job it started
+    reloaded.run()
+    reloaded.switch_page("app_pages/train.py").run()
+    assert metric(reloaded, "Run id") == long
+    reloaded.button(key="ft.cancel").click().run()
+    assert not reloaded.exception
+    run = jobs.wait(store, long, timeout=60)
+    assert run["status"] == "cancelled" and 10 <= run["steps"] < 100_000
+    reloaded.run()
+    assert any("cancelled" in w.value for w in reloaded.warning)
 
 
-def test_start_button_runs_the_form_in_the_background(home: Path) -> None:
+def test_start_button_submits_the_form_and_says_where_it_queues(home: Path, ray_local: None) -> None:
+    store = RunStore(home)
     at = open_page("app_pages/train.py")
+    assert at.button(key="ft.start").label == "Start"
+    ahead = state.submit("finetune", tiny_experiment(steps=100_000), root=home)  # someone else's long job
+    wait_for(lambda: store.get_run(ahead)["status"] == "running", timeout=300)
+    at.run()
+    assert at.button(key="ft.start").label == "Start (queues behind 1 job)"
+
     at.selectbox(key="ft.data.name").set_value("digits")
     for key, value in {"img_size": 28, "n_train": 32, "n_val": 16, "n_test": 16}.items():
         at.number_input(key=f"ft.data.{key}").set_value(value)
@@ -257,13 +272,17 @@ def test_start_button_runs_the_form_in_the_background(home: Path) -> None:
     at.text_input(key="ft.label").input("from the form")
     at.button(key="ft.start").click().run()
     assert not at.exception and not at.error
-    job = state.job(at.session_state["train.job"])
-    assert job is not None and job.wait(60) and job.status == "completed", job.error
-    run = RunStore(home).get_run(job.run_id)
+    run_id = at.session_state["run"]
+    assert store.get_run(run_id)["status"] == "queued" and store.queue_position(run_id) == 1
+    assert any("Queued: number 1 in the queue" in i.value for i in at.info)
+    store.request_cancel(ahead)
+    run = jobs.wait(store, run_id, timeout=300)
+    assert run["status"] == "completed", run["message"]
     assert (run["label"], run["method"], run["method_options"]["rank"]) == ("from the form", "lora", 2)
     assert run["dataset"]["img_size"] == 28 and run["train_config"]["steps"] == 2
     at.run()
     assert any("completed" in s.value for s in at.success)
+    assert at.button(key="ft.start").label == "Start"
 
 
 def test_spectra_page_says_when_a_method_has_no_weight_update(home: Path) -> None:
@@ -276,33 +295,36 @@ def test_spectra_page_says_when_a_method_has_no_weight_update(home: Path) -> Non
 def test_bad_options_start_nothing(home: Path) -> None:
     bad = Experiment(data=TINY_DATA, method="lora", options={"rank": 0})
     with pytest.raises(ValueError, match="rank=0"):
-        state.start_training(bad, root=home)
-    assert RunStore(home).list_runs().empty
+        state.submit("finetune", bad, root=home)
+    assert RunStore(home).list_runs(kind=None).empty
 
 
-def test_intrinsic_dimension_job_and_its_targets_reach_the_fine_tune_page(home: Path) -> None:
-    config = IntrinsicDimConfig(steps=3, batch_size=16, d_min=4, d_max=8, max_trials=2)
-    request = state.IntrinsicDimRequest(
+def test_intrinsic_dimension_job_and_its_targets_reach_the_fine_tune_page(home: Path, ray_local: None) -> None:
+    config = IntrinsicDimConfig(steps=8, batch_size=16, d_min=4, d_max=8, max_trials=2)
+    request = IntrinsicDimRequest(
         data=DataSpec(name="digits", img_size=28, n_train=48, n_val=48),
         backbone=BackboneSpec(),
         groups=("q,v:11", "fc2:11"),
         config=config,
     )
-    job = state.start_intrinsic_dim(request)
-    assert job.wait(120) and job.status == "completed", job.error
-    assert {t["group"] for t in job.trials} == {"q,v:11", "fc2:11"}
-    assert [t["kind"] for t in job.trials if t["group"] == "fc2:11"][0] == "full"
+    run_id = state.submit("intrinsic_dim", request, root=home)
+    run = jobs.wait(RunStore(home), run_id, timeout=300)
+    assert run["status"] == "completed", run["message"]
+    trials = run["result"]["trials"]
+    assert {t["group"] for t in trials} == {"q,v:11", "fc2:11"}
+    assert [t["kind"] for t in trials if t["group"] == "fc2:11"][0] == "full"
 
-    at = open_page("app_pages/intrinsic_dim.py", **{"id.job": job.id})
+    at = open_page("app_pages/intrinsic_dim.py")  # a new session (a reload) lists the stored measurement
+    assert at.selectbox(key="id.selected").value == run_id
     table = frame(at, "d90")
     assert list(table["group"]) == ["q,v:11", "fc2:11"]
     assert any("d90" in t.value for t in at.text)
-    result = job.result.result
-    assert result.recommended is not None, result.explanation  # seeded: this measurement reaches its targets
+    recommended = run["result"]["recommended"]
+    assert recommended is not None, run["result"]["explanation"]  # seeded: this measurement reaches its targets
     at.button(key="id.use").click().run()
     assert not at.exception
     assert [t.value for t in at.title] == ["Fine-tune"]
     assert at.selectbox(key="ft.method").value == "kadaptation"
-    assert at.text_input(key="ft.method.kadaptation.targets").value == result.recommended
-    count = meta_count("kadaptation", img_size=112, targets=result.recommended)
+    assert at.text_input(key="ft.method.kadaptation.targets").value == recommended
+    count = meta_count("kadaptation", img_size=112, targets=recommended)
     assert metric(at, "Trainable parameters (without head)") == f"{count:,}"

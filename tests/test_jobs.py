@@ -36,18 +36,8 @@ def tiny_experiment(steps: int, eval_every: int = 10) -> Experiment:
     )
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    jobs.connect(num_cpus=2)
-    yield
-    jobs.forget_managers()
-    ray.shutdown()
-
-
 @pytest.fixture
-def store(tmp_path: Path, ray_cluster) -> RunStore:
+def store(tmp_path: Path, ray_local: None) -> RunStore:
     return RunStore(tmp_path / "home")
 
 

@@ -6,10 +6,12 @@ import streamlit as st
 from app import charts, forms, state
 from core.backbone import BackboneSpec
 from core.data import DataSpec
+from core.experiment import IntrinsicDimRequest
 from core.intrinsic_dim import GROUP_SCHEMES, REPRESENTATION_ID_LABEL, IntrinsicDimConfig
 
 DEFAULT_DATA = DataSpec(name="digits", img_size=56, n_train=500, n_val=200, n_test=None)
-JOB_KEY = "id.job"
+JOB_KEY = "measurement"  # also the page address parameter that finds the job again after a reload
+TRIAL_COLUMNS = ["group", "d", "accuracy", "kind", "target"]
 CUSTOM = "custom"
 
 st.title("Intrinsic dimension")
@@ -42,62 +44,85 @@ representation = st.checkbox(
 
 if st.button("Measure", type="primary", key="id.start"):
     try:
-        request = state.IntrinsicDimRequest(
+        request = IntrinsicDimRequest(
             data=DataSpec(**data_values),
             backbone=BackboneSpec(**backbone_values),
             groups=groups,
             config=IntrinsicDimConfig(**forms.coerce(IntrinsicDimConfig, config_values)),
             representation=representation,
         )
-        st.session_state[JOB_KEY] = state.start_intrinsic_dim(request).id
+        state.remember(JOB_KEY, state.submit("intrinsic_dim", request))
     except ValueError as exc:
         st.error(str(exc))
 
-job = state.current_job("intrinsic_dim", JOB_KEY)
-if job is not None:
+run_id, started_here = state.current_job("intrinsic_dim", JOB_KEY)
+past = state.store().list_runs(kind="intrinsic_dim")
+if len(past):
     st.divider()
-    live = job.active
+    labels = {
+        r["id"]: f"{r['id']}  {r['status']}  {r['dataset.name']}  groups {r['method_options.groups']}"
+        for _, r in past.iterrows()
+    }
+    ids = list(labels)
+    chosen = st.selectbox(
+        "Measurement (every measurement is kept in the run store)",
+        ids,
+        index=ids.index(run_id) if run_id in ids else 0,
+        format_func=labels.get,
+        key="id.selected",
+    )
+    started_here = started_here and chosen == run_id
+    run_id = chosen
+else:
+    run_id = None
+if run_id is not None:
+    live = state.store().get_run(run_id)["status"] in ("queued", "running")
 
     @st.fragment(run_every=1.5 if live else None)
     def progress_panel() -> None:
-        """Shows the trials so far while the sweep runs; reruns the page once when it ends."""
-        current = state.job(job.id)
-        assert current is not None
-        trials = pd.DataFrame(current.trials, columns=["group", "d", "accuracy", "kind", "target"])
-        full = trials[trials["kind"] == "full"]
-        targets = dict(zip(full["group"], full["target"], strict=True))
-        if current.active:
-            st.info(f"{current.title}: {current.phase}, {len(trials)} trials done.")
+        """Shows the trials so far while the measurement runs; reruns the page once when it ends."""
+        store = state.store()
+        run = store.get_run(run_id)
+        active = run["status"] in ("queued", "running")
+        if active:
+            trials = pd.DataFrame((run["result"] or {}).get("trials", []), columns=TRIAL_COLUMNS)
+            full = trials[trials["kind"] == "full"]
+            if run["status"] == "queued":
+                st.info(f"Measurement {run_id} is queued: number {store.queue_position(run_id)} for its resources.")
+            else:
+                st.info(f"Measurement {run_id} on {run['dataset']['name']}: {len(trials)} trials done.")
+            targets = dict(zip(full["group"], full["target"], strict=True))
             st.plotly_chart(charts.intrinsic_dim_curves(trials, targets), key="id.live")
-            if st.button("Cancel", key="id.cancel", disabled=current.token.cancelled):
-                current.cancel()
-                st.toast("Cancelling: the sweep stops before its next training step.")
-        if live and not current.active:
+            if started_here and st.button("Cancel", key="id.cancel", disabled=run["cancel_requested_at"] is not None):
+                status = store.request_cancel(run_id)
+                st.toast("Cancelled." if status == "cancelled" else "Cancelling: it stops before its next step.")
+        if live and not active:
             st.rerun(scope="app")
 
     progress_panel()
 
-    if not job.active and job.error:
-        st.error(job.error)
-    elif not job.active:
-        outcome: state.IntrinsicDimOutcome = job.result
-        result = outcome.result
-        if result.cancelled:
+    run = state.store().get_run(run_id)
+    result = run["result"] or {}
+    if run["status"] not in ("queued", "running") and "groups" not in result:
+        st.error(f"Measurement {run_id} {run['status']}: {run['message']}")
+    elif "groups" in result:
+        if result["cancelled"]:
             st.warning("The measurement was cancelled: the numbers below are partial.")
-        st.caption(outcome.backbone)
-        table = result.table()
+        st.caption(result["backbone"])
+        table = pd.DataFrame(result["groups"])
         targets = dict(zip(table["group"], table["target"], strict=True))
-        st.plotly_chart(charts.intrinsic_dim_curves(result.curves, targets, result.head_only_accuracy), key="id.curves")
+        curves = pd.DataFrame(result["curves"])
+        st.plotly_chart(charts.intrinsic_dim_curves(curves, targets, result["head_only_accuracy"]), key="id.curves")
         st.dataframe(table, hide_index=True, key="id.table")
-        st.text(result.explanation)
-        for note in result.notes:
+        st.text(result["explanation"])
+        for note in result["notes"]:
             st.caption(note)
-        if result.recommended:
-            st.success(f"Recommended targets: `{result.recommended}`")
+        if result["recommended"]:
+            st.success(f"Recommended targets: `{result['recommended']}`")
             if st.button("Fine-tune with these targets", key="id.use"):
-                st.session_state["prefill_targets"] = result.recommended
+                st.session_state["prefill_targets"] = result["recommended"]
                 st.switch_page("app_pages/train.py")
-        if outcome.representation is not None:
+        if result["representation"] is not None:
             with st.expander("Representation dimension per block (a different quantity)"):
                 st.caption(REPRESENTATION_ID_LABEL)
-                st.dataframe(outcome.representation, hide_index=True, key="id.repr.table")
+                st.dataframe(pd.DataFrame(result["representation"]), hide_index=True, key="id.repr.table")

@@ -13,7 +13,7 @@ from core.train import TrainConfig
 
 # CPU-friendly defaults: the CLI's demo, a few minutes on 2 cores with the offline default backbone.
 DEFAULT_DATA, DEFAULT_TRAIN = DEMO.data, DEMO.train
-JOB_KEY = "train.job"
+JOB_KEY = "run"  # also the page address parameter that finds the job again after a reload
 
 st.title("Fine-tune")
 
@@ -55,7 +55,9 @@ st.subheader("Training")
 train_values = forms.dataclass_form(TrainConfig, key="ft.train", defaults=DEFAULT_TRAIN, columns=4)
 label = st.text_input("Label (optional)", key="ft.label").strip() or None
 
-if st.button("Start", type="primary", disabled=options is None, key="ft.start"):
+waiting = state.waiting_jobs()
+start_label = f"Start (queues behind {len(waiting)} job{'s' * (len(waiting) != 1)})" if len(waiting) else "Start"
+if st.button(start_label, type="primary", disabled=options is None, key="ft.start"):
     try:
         experiment = Experiment(
             data=DataSpec(**data_values),
@@ -65,44 +67,55 @@ if st.button("Start", type="primary", disabled=options is None, key="ft.start"):
             train=TrainConfig(**forms.coerce(TrainConfig, train_values)),
             label=label,
         )
-        st.session_state[JOB_KEY] = state.start_training(experiment).id  # checks the options first
+        state.remember(JOB_KEY, state.submit("finetune", experiment))  # checks the options first
     except ValueError as exc:
         st.error(str(exc))
 
-job = state.current_job("train", JOB_KEY)
-if job is not None:
+run_id, started_here = state.current_job("finetune", JOB_KEY)
+if run_id is not None:
     st.divider()
-    live = job.active
+    live = state.store().get_run(run_id)["status"] in ("queued", "running")
 
     @st.fragment(run_every=1.0 if live else None)
     def progress_panel() -> None:
-        """Polls the job and the run store; when the job ends, reruns the page once to stop polling."""
-        current = state.job(job.id)
-        assert current is not None
-        st.subheader(f"Run: {current.title}")
-        run = state.store().get_run(current.run_id) if current.run_id else None
-        metrics = state.store().metrics(current.run_id) if current.run_id else None
-        total = current.total or DEFAULT_TRAIN.steps
-        st.progress(min(current.step / total, 1.0), text=f"{current.phase}: step {current.step} of {total}")
-        loss = metrics[(metrics["split"] == "train") & (metrics["name"] == "loss")] if metrics is not None else None
-        acc = metrics[(metrics["split"] == "val") & (metrics["name"] == "acc")] if metrics is not None else None
+        """Polls the run store; when the job ends, reruns the page once to stop polling."""
+        store = state.store()
+        run = store.get_run(run_id)
+        metrics = store.metrics(run_id)
+        total = run["train_config"]["steps"]
+        st.subheader(f"Run {run_id}: {run['label'] or run['method']} on {run['dataset']['name']}")
+        if run["status"] == "queued":
+            st.info(
+                f"Queued: number {store.queue_position(run_id)} in the queue for its resources; it starts when the "
+                "jobs ahead of it finish."
+            )
+        else:
+            where = f" on {run['hostname']}" if run["status"] == "running" else ""
+            st.progress(
+                min((run["steps"] or 0) / total, 1.0),
+                text=f"{run['status']}{where}: step {run['steps'] or 0} of {total}",
+            )
+        loss = metrics[(metrics["split"] == "train") & (metrics["name"] == "loss")]
+        acc = metrics[(metrics["split"] == "val") & (metrics["name"] == "acc")]
         cells = st.columns(4)
-        cells[0].metric("Status", run["status"] if run else current.status)
-        cells[1].metric("Latest train loss", f"{loss['value'].iloc[-1]:.4f}" if loss is not None and len(loss) else "-")
-        cells[2].metric("Latest val accuracy", f"{acc['value'].iloc[-1]:.2f}%" if acc is not None and len(acc) else "-")
-        cells[3].metric("Run id", current.run_id or "-")
-        if metrics is not None:
+        cells[0].metric("Status", run["status"])
+        cells[1].metric("Latest train loss", f"{loss['value'].iloc[-1]:.4f}" if len(loss) else "-")
+        cells[2].metric("Latest val accuracy", f"{acc['value'].iloc[-1]:.2f}%" if len(acc) else "-")
+        cells[3].metric("Run id", run_id)
+        if len(metrics):
             st.plotly_chart(charts.training_curves(metrics), key="ft.curves")
-        if current.active:
-            if st.button("Cancel", key="ft.cancel", disabled=current.token.cancelled):
-                current.cancel()
-                st.toast("Cancelling: the trainer stops before its next step.")
-        elif current.error:
-            st.error(current.error)
-        elif run is not None:
+        active = run["status"] in ("queued", "running")
+        if active and started_here:
+            asked = run["cancel_requested_at"] is not None
+            if st.button("Cancel", key="ft.cancel", disabled=asked):
+                status = store.request_cancel(run_id)
+                st.toast(
+                    "Cancelled." if status == "cancelled" else "Cancelling: the trainer stops before its next step."
+                )
+        elif not active:
             show = {"completed": st.success, "cancelled": st.warning}.get(run["status"], st.error)
             show(f"{run['status']}: {run['message']}")
-        if live and not current.active:
+        if live and not active:
             st.rerun(scope="app")
 
     progress_panel()

@@ -3,13 +3,16 @@ and intrinsic-dimension measurements kept in the run store."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from core import jobs
@@ -151,3 +154,46 @@ def test_stopping_the_embedded_ray_marks_its_jobs_interrupted_at_the_next_start(
     for run_id in (running, queued):
         run = store.get_run(run_id)
         assert run["status"] == "interrupted" and "is gone" in run["message"], run
+
+
+RUN_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}")
+TINY_CLI = ["--dataset", "digits", "--img-size", "32", "--n-train", "64", "--n-val", "32", "--n-test", "32"]
+TINY_CLI += ["--backbone", "vit_tiny_patch16_224", "--weights", "none", "--batch-size", "16", "--warmup-steps", "1"]
+
+
+def test_command_line_detach_list_cancel_wait(store: RunStore, capsys: pytest.CaptureFixture[str]) -> None:
+    from core.__main__ import main as cli
+
+    home = ["--home", str(store.root)]
+    assert cli([*home, "train", "--detach", *TINY_CLI, "--steps", "100000", "--eval-every", "100000"]) == 0
+    run_id = RUN_ID.search(capsys.readouterr().out).group(0)
+    until(lambda: store.get_run(run_id)["status"] == "running", what="the detached job to start")
+    assert cli([*home, "train", "--detach", *TINY_CLI, "--steps", "5", "fact", "--rank", "2"]) == 0
+    queued = RUN_ID.search(capsys.readouterr().out).group(0)
+
+    assert cli([*home, "runs", "list", "--json"]) == 0
+    listed = {run["id"]: run for run in json.loads(capsys.readouterr().out)}
+    assert listed[run_id]["status"] == "running" and listed[run_id]["queue_position"] is None
+    assert listed[queued]["status"] == "queued" and listed[queued]["queue_position"] == 1
+    assert listed[queued]["method_options"]["rank"] == 2 and listed[queued]["kind"] == "finetune"
+
+    assert cli([*home, "runs", "cancel", run_id[:15]]) == 0  # a unique prefix will do
+    assert capsys.readouterr().out.strip().endswith(f"run {run_id}: cancelled")
+    assert cli([*home, "runs", "wait", queued]) == 0
+    assert f"run {queued}: completed" in capsys.readouterr().out
+    assert cli([*home, "runs", "wait", run_id]) == 1  # it ended, but not completed
+
+
+def test_command_line_intrinsic_dimension_is_recorded(store: RunStore, tmp_path: Path, capsys) -> None:
+    from core.__main__ import main as cli
+
+    args = ["--home", str(store.root), "intrinsic-dim", "--dataset", "digits", "--img-size", "32", "--n-train", "64"]
+    args += ["--n-val", "32", "--backbone", "vit_tiny_patch16_224", "--weights", "none", "--groups", "q,v:0|fc2:0"]
+    args += ["--steps", "3", "--batch-size", "16", "--d-min", "4", "--d-max", "8", "--max-trials", "2"]
+    cli([*args, "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    (measurement,) = store.list_runs(kind="intrinsic_dim")["id"]
+    assert f"measurement {measurement}:" in out and "  q,v:0 " in out  # the trials were printed as they came
+    result = store.get_run(measurement)["result"]
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["run_id"] == measurement
+    assert len(pd.read_csv(tmp_path / "out" / "curves.csv")) == len(result["curves"])

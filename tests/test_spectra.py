@@ -342,7 +342,39 @@ def test_mismatched_shapes_are_refused() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # The numerical engine: GIL-free LAPACK, the Gram route, the low-rank shortcuts, threads
 # ----------------------------------------------------------------------------------------------------------------
-def test_lapack_products_match_numpy_for_every_memory_layout() -> None:
+@pytest.fixture(params=["fast", "fallback"])
+def lapack_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test through the ctypes fast path (where this machine passes its checks) and through scipy's
+    wrappers, as on a platform where the checks fail."""
+    if request.param == "fallback":
+        monkeypatch.setattr(_lapack, "_FAST", None)
+    return request.param
+
+
+def test_this_machine_takes_the_fast_path() -> None:
+    """The development and CI machines (Linux, scipy's LP64 OpenBLAS) must pass every signature check."""
+    assert _lapack.fast_path(), _lapack.FALLBACK_REASON
+
+
+def test_signature_check_refuses_what_ctypes_would_misread(monkeypatch: pytest.MonkeyPatch) -> None:
+    d = "__pyx_t_5scipy_6linalg_13cython_lapack_d *"
+    argtypes = _lapack._ROUTINE_ARGUMENTS["dsterf"][1]
+    assert _lapack.signature_matches(f"void (int *, {d}, {d}, int *)", argtypes)
+    assert not _lapack.signature_matches(f"void (long *, {d}, {d}, long *)", argtypes)  # ILP64 integers
+    assert not _lapack.signature_matches(f"void (int *, {d}, {d})", argtypes)  # an argument fewer
+    assert not _lapack.signature_matches(f"void (int *, {d}, {d}, {d})", argtypes)  # a double for the int
+    assert not _lapack.signature_matches(f"int (int *, {d}, {d}, int *)", argtypes)
+    s = d.replace("_d *", "_s *")  # float32
+    assert not _lapack.signature_matches(f"void (int *, {s}, {s}, int *)", argtypes)
+    monkeypatch.setattr(_lapack, "_ROUTINE_ARGUMENTS", {"dsterf": ("lapack", (_lapack._INT,) * 4)})
+    routines, reason = _lapack._load_fast_routines()
+    assert routines is None and reason is not None and "dsterf's signature" in reason
+    monkeypatch.setattr(_lapack.sys, "platform", "win32")
+    routines, reason = _lapack._load_fast_routines()
+    assert routines is None and reason is not None and "win32" in reason
+
+
+def test_lapack_products_match_numpy_for_every_memory_layout(lapack_path: str) -> None:
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((7, 5)), rng.standard_normal((5, 3))
     views = {"C": lambda a: a, "F": np.asfortranarray, "T": lambda a: np.ascontiguousarray(a.T).T,
@@ -359,7 +391,7 @@ def test_lapack_products_match_numpy_for_every_memory_layout() -> None:
 
 
 @pytest.mark.parametrize("n", [1, 2, 33, 80])
-def test_tridiagonal_reduction_reproduces_the_matrix_and_its_eigenvalues(n: int) -> None:
+def test_tridiagonal_reduction_reproduces_the_matrix_and_its_eigenvalues(n: int, lapack_path: str) -> None:
     rng = np.random.default_rng(n)
     a = rng.standard_normal((n, n))
     g = a + a.T
@@ -375,7 +407,7 @@ def test_tridiagonal_reduction_reproduces_the_matrix_and_its_eigenvalues(n: int)
 
 
 @pytest.mark.parametrize("vectors", [0, 1, 6, 30, 64])
-def test_every_eigen_route_gives_numpys_answer(vectors: int) -> None:
+def test_every_eigen_route_gives_numpys_answer(vectors: int, lapack_path: str) -> None:
     """0: values only; 1 and 6: one tridiagonalisation, bisection and back-transformation; 30, 64: dsyevd."""
     rng = np.random.default_rng(1)
     a = rng.standard_normal((90, 64))
@@ -452,6 +484,24 @@ def test_a_full_rank_update_takes_the_dense_route_and_agrees() -> None:
     torch.testing.assert_close(tuned, ref["s1"], rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(update, ref["sd"], rtol=1e-8, atol=1e-10)
     assert int(report.summary["update_rank"].iloc[0]) == 48
+
+
+def test_the_fallback_routines_give_the_fast_paths_report_and_the_dense_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A report through scipy's wrappers (as where the fast path's checks fail) equals the fast path's, and both
+    agree with dense SVDs."""
+    updates = vit_like_updates(seed=8, width=40)
+    g = torch.Generator().manual_seed(9)
+    updates["dense"] = (updates["blocks.0.mlp.fc1"][0], 0.01 * torch.randn(160, 40, generator=g))  # full rank
+    fast = spectra_report(updates, k=4)
+    monkeypatch.setattr(_lapack, "_FAST", None)
+    fallback = spectra_report(updates, k=4)
+    for name in ("summary", "values", "angles", "intruders"):
+        pd.testing.assert_frame_equal(getattr(fast, name), getattr(fallback, name), rtol=1e-9, atol=1e-9)
+    for name, (w0, dw) in updates.items():
+        ref = dense_reference(w0, dw, 4)
+        rows = fallback.values[fallback.values["name"] == name]
+        tuned = torch.tensor(rows.loc[rows["which"] == "tuned", "value"].to_numpy())
+        torch.testing.assert_close(tuned, ref["s1"], rtol=0, atol=1e-7 * float(ref["s1"][0]))  # float32 inputs
 
 
 def test_threads_do_not_change_the_report() -> None:

@@ -1,11 +1,16 @@
-"""The LAPACK/BLAS routines behind the spectra, called without holding Python's GIL.
+"""The LAPACK/BLAS routines behind the spectra, called without holding Python's GIL where that is safe.
 
 scipy's own wrappers (``scipy.linalg.lapack``) keep the GIL during the Fortran call, so two Python threads cannot
-decompose two matrices at once. These call the same routines of the same library (scipy's OpenBLAS, through the
-function pointers that ``scipy.linalg.cython_blas`` / ``cython_lapack`` publish for exactly this kind of use)
-through ctypes, which releases the GIL for the call. With one BLAS thread per call and one call per core, two
-768 x 768 tridiagonal reductions run side by side: 17.6 ms per matrix instead of 28.4 ms for one at a time on two
-BLAS threads (measured on the 2-core CI machine).
+decompose two matrices at once. The fast path calls the same routines of the same library (scipy's BLAS, through
+the function pointers that ``scipy.linalg.cython_blas`` / ``cython_lapack`` publish for exactly this kind of use)
+through ctypes, which releases the GIL for the call: with one BLAS thread per call and one call per core, two
+matrices are reduced side by side (``bench/bench_spectra.py`` measures the result).
+
+ctypes cannot see a C prototype, so the fast path is taken only where it is known to match: on Linux, with a
+32-bit C ``int``, scipy built without 64-bit-integer BLAS, and each routine's published signature (the capsule's
+name, e.g. ``void (char *, int *, ..., __pyx_t_5scipy_6linalg_11cython_blas_d *, int *)``) exactly the argument
+types declared here. Anywhere else the same routines run through scipy's wrappers (``fast_path()`` is False
+and ``FALLBACK_REASON`` says why): same results, but one call at a time.
 
 Every function takes float64 numpy arrays, checks shapes and layout, allocates its own outputs and raises
 ``numpy.linalg.LinAlgError`` on a LAPACK error code.
@@ -14,40 +19,110 @@ Every function takes float64 numpy arrays, checks shapes and layout, allocates i
 from __future__ import annotations
 
 import ctypes
-from types import ModuleType
+import re
+import sys
+from typing import NamedTuple
 
 import numpy as np
-from scipy.linalg import cython_blas, cython_lapack
+import scipy
+import scipy.linalg
+from scipy.linalg import blas as scipy_blas
+from scipy.linalg import lapack as scipy_lapack
 
-_INT = ctypes.POINTER(ctypes.c_int)
-_PTR = ctypes.c_void_p  # array data
+# ----------------------------------------------------------------------------------------------------------------
+# The fast path: ctypes on scipy's Cython BLAS/LAPACK capsules
+# ----------------------------------------------------------------------------------------------------------------
 _CHAR = ctypes.c_char_p
+_INT = ctypes.POINTER(ctypes.c_int)
 _DOUBLE = ctypes.POINTER(ctypes.c_double)
-
-_name = ctypes.pythonapi.PyCapsule_GetName
-_name.restype, _name.argtypes = ctypes.c_char_p, [ctypes.py_object]
-_pointer = ctypes.pythonapi.PyCapsule_GetPointer
-_pointer.restype, _pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+_ARRAY = ctypes.c_void_p  # the data of a float64 array (double *), passed as an address
 
 
-def _routine(module: ModuleType, name: str, *argtypes: object) -> ctypes._CFuncPtr:
-    capsule = module.__pyx_capi__[name]  # type: ignore[attr-defined]
-    return ctypes.CFUNCTYPE(None, *argtypes)(_pointer(capsule, _name(capsule)))
+class _IntArray(ctypes.c_void_p):
+    """The data of an int32 array (int *), passed as an address."""
 
 
-_dgemm = _routine(
-    cython_blas, "dgemm", _CHAR, _CHAR, _INT, _INT, _INT, _DOUBLE, _PTR, _INT, _PTR, _INT, _DOUBLE, _PTR, _INT
-)
-_dsyrk = _routine(cython_blas, "dsyrk", _CHAR, _CHAR, _INT, _INT, _DOUBLE, _PTR, _INT, _DOUBLE, _PTR, _INT)
-_dsytrd = _routine(cython_lapack, "dsytrd", _CHAR, _INT, _PTR, _INT, _PTR, _PTR, _PTR, _PTR, _INT, _INT)
-_dsterf = _routine(cython_lapack, "dsterf", _INT, _PTR, _PTR, _INT)
-_dormqr = _routine(
-    cython_lapack, "dormqr", _CHAR, _CHAR, _INT, _INT, _INT, _PTR, _INT, _PTR, _PTR, _INT, _PTR, _INT, _INT
-)
-_dsyevd = _routine(cython_lapack, "dsyevd", _CHAR, _CHAR, _INT, _PTR, _INT, _PTR, _PTR, _INT, _PTR, _INT, _INT)
+# How each ctypes argument type reads in a capsule's signature (scipy's ``d`` is its typedef of double).
+_DOUBLE_POINTER = r"__pyx_t_\w+_d \*"
+_SIGNATURE_PATTERN = {_CHAR: r"char \*", _INT: r"int \*", _IntArray: r"int \*", _DOUBLE: _DOUBLE_POINTER,
+                      _ARRAY: _DOUBLE_POINTER}  # fmt: skip
+
+_ROUTINE_ARGUMENTS: dict[str, tuple[str, tuple[object, ...]]] = {
+    "dgemm": ("blas", (_CHAR, _CHAR, _INT, _INT, _INT, _DOUBLE, _ARRAY, _INT, _ARRAY, _INT, _DOUBLE, _ARRAY, _INT)),
+    "dsyrk": ("blas", (_CHAR, _CHAR, _INT, _INT, _DOUBLE, _ARRAY, _INT, _DOUBLE, _ARRAY, _INT)),
+    "dsytrd": ("lapack", (_CHAR, _INT, _ARRAY, _INT, _ARRAY, _ARRAY, _ARRAY, _ARRAY, _INT, _INT)),
+    "dsterf": ("lapack", (_INT, _ARRAY, _ARRAY, _INT)),
+    "dormqr": ("lapack", (_CHAR, _CHAR, _INT, _INT, _INT, _ARRAY, _INT, _ARRAY, _ARRAY, _INT, _ARRAY, _INT, _INT)),
+    "dsyevd": ("lapack", (_CHAR, _CHAR, _INT, _ARRAY, _INT, _ARRAY, _ARRAY, _INT, _IntArray, _INT, _INT)),
+}
 
 
-def _i(value: int) -> ctypes.c_int:
+class _Routines(NamedTuple):
+    dgemm: ctypes._CFuncPtr
+    dsyrk: ctypes._CFuncPtr
+    dsytrd: ctypes._CFuncPtr
+    dsterf: ctypes._CFuncPtr
+    dormqr: ctypes._CFuncPtr
+    dsyevd: ctypes._CFuncPtr
+
+
+def signature_matches(signature: str, argtypes: tuple[object, ...]) -> bool:
+    """Whether a capsule's C signature (``void (char *, int *, ...)``) takes exactly ``argtypes``, in order."""
+    match = re.fullmatch(r"void \((.*)\)", signature.strip())
+    if match is None:
+        return False
+    params = [p.strip() for p in match.group(1).split(",")]
+    return len(params) == len(argtypes) and all(
+        re.fullmatch(_SIGNATURE_PATTERN[t], p) is not None for t, p in zip(argtypes, params, strict=True)
+    )
+
+
+def _blas_uses_64bit_integers() -> bool:
+    """Whether scipy reports a BLAS or LAPACK built with 64-bit integers (ILP64); unknown counts as yes."""
+    try:
+        dependencies = scipy.show_config(mode="dicts")["Build Dependencies"]
+        return any(bool(dependencies[lib].get("has ilp64", True)) for lib in ("blas", "lapack"))
+    except Exception:  # an older or unusual build without the dict: do not guess
+        return True
+
+
+def _load_fast_routines() -> tuple[_Routines | None, str | None]:
+    """The ctypes routines, or None and the reason they are not safe to call here."""
+    if not sys.platform.startswith("linux"):
+        return None, f"platform {sys.platform} (the fast path is checked on Linux only)"
+    if ctypes.sizeof(ctypes.c_int) != 4:
+        return None, f"C int of {ctypes.sizeof(ctypes.c_int)} bytes"
+    if _blas_uses_64bit_integers():
+        return None, "scipy's BLAS/LAPACK is not reported as LP64 (32-bit integers)"
+    try:
+        from scipy.linalg import cython_blas, cython_lapack
+
+        modules = {"blas": cython_blas, "lapack": cython_lapack}
+        get_name = ctypes.pythonapi.PyCapsule_GetName
+        get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
+        get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+        get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+        routines = {}
+        for name, (library, argtypes) in _ROUTINE_ARGUMENTS.items():
+            capsule = modules[library].__pyx_capi__[name]
+            signature = get_name(capsule)
+            if not signature_matches(signature.decode(), argtypes):
+                return None, f"{name}'s signature {signature.decode()!r} differs from the declared argument types"
+            routines[name] = ctypes.CFUNCTYPE(None, *argtypes)(get_pointer(capsule, signature))
+    except (ImportError, AttributeError, KeyError, ValueError, UnicodeDecodeError) as error:
+        return None, f"scipy's Cython BLAS/LAPACK capsules are not readable ({error!r})"
+    return _Routines(**routines), None
+
+
+_FAST, FALLBACK_REASON = _load_fast_routines()
+
+
+def fast_path() -> bool:
+    """Whether the routines run through the checked ctypes fast path (else ``FALLBACK_REASON`` says why not)."""
+    return _FAST is not None
+
+
+def _c_int(value: int) -> ctypes.c_int:
     return ctypes.c_int(value)
 
 
@@ -55,11 +130,14 @@ def _data(x: np.ndarray) -> int:
     return x.ctypes.data
 
 
-def _check(info: ctypes.c_int, routine: str) -> None:
-    if info.value != 0:
-        raise np.linalg.LinAlgError(f"LAPACK {routine} failed (info={info.value}); is the matrix finite?")
+def _check(info: int, routine: str) -> None:
+    if info != 0:
+        raise np.linalg.LinAlgError(f"LAPACK {routine} failed (info={info}); is the matrix finite?")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The routines (fast path, else scipy's wrappers)
+# ----------------------------------------------------------------------------------------------------------------
 def _square_f64(g: np.ndarray) -> np.ndarray:
     """A Fortran-ordered float64 copy of a square matrix (the routines overwrite their input)."""
     if g.ndim != 2 or g.shape[0] != g.shape[1]:
@@ -67,29 +145,36 @@ def _square_f64(g: np.ndarray) -> np.ndarray:
     return np.array(g, dtype=np.float64, order="F", copy=True)
 
 
-def _blas_operand(x: np.ndarray) -> tuple[np.ndarray, bytes, int]:
-    """x (rows x cols, float64) as BLAS reads it: column-major memory, a transpose flag, and its leading dimension."""
+def _blas_operand(x: np.ndarray) -> tuple[np.ndarray, bool]:
+    """x (rows x cols, float64) as BLAS reads it: column-major memory holding x, or x^T when the flag is True."""
     if x.ndim != 2 or x.dtype != np.float64:
         raise ValueError(f"expected a 2-D float64 array, got {x.dtype} of shape {x.shape}")
     if x.flags.f_contiguous:
-        return x, b"N", max(x.shape[0], 1)
+        return x, False
     if x.flags.c_contiguous:  # its memory is x^T column-major
-        return x, b"T", max(x.shape[1], 1)
-    x = np.asfortranarray(x)
-    return x, b"N", max(x.shape[0], 1)
+        return x, True
+    return np.asfortranarray(x), False
 
 
 def matmul(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """x @ y for float64 matrices by dgemm (either operand may be a transposed view: no copy), column-major."""
-    (a, ta, lda), (b, tb, ldb) = _blas_operand(x), _blas_operand(y)
+    (a, transpose_a), (b, transpose_b) = _blas_operand(x), _blas_operand(y)
     m, k = x.shape
     if y.shape[0] != k:
         raise ValueError(f"cannot multiply {x.shape} by {y.shape}")
     n = y.shape[1]
+    if not (m and n and k):
+        return np.zeros((m, n), order="F")
+    if _FAST is None:  # scipy's wrapper reads the Fortran view (a.T of a C-ordered array) without a copy
+        return scipy_blas.dgemm(
+            1.0, a.T if transpose_a else a, b.T if transpose_b else b, trans_a=transpose_a, trans_b=transpose_b
+        )
+    lda = max(x.shape[1] if transpose_a else x.shape[0], 1)
+    ldb = max(y.shape[1] if transpose_b else y.shape[0], 1)
     c = np.zeros((m, n), order="F")
-    if m and n and k:
-        _dgemm(ta, tb, _i(m), _i(n), _i(k), ctypes.c_double(1.0), _data(a), _i(lda), _data(b), _i(ldb),
-               ctypes.c_double(0.0), _data(c), _i(max(m, 1)))  # fmt: skip
+    _FAST.dgemm(b"T" if transpose_a else b"N", b"T" if transpose_b else b"N", _c_int(m), _c_int(n), _c_int(k),
+                ctypes.c_double(1.0), _data(a), _c_int(lda), _data(b), _c_int(ldb), ctypes.c_double(0.0), _data(c),
+                _c_int(max(m, 1)))  # fmt: skip
     return c
 
 
@@ -98,15 +183,18 @@ def gram_lower(a: np.ndarray) -> np.ndarray:
     if a.ndim != 2 or a.dtype != np.float64:
         raise ValueError(f"expected a 2-D float64 array, got {a.dtype} of shape {a.shape}")
     m, n = a.shape
-    if a.flags.f_contiguous:  # column-major a (m x n): C = A^T A
-        trans, lda = b"T", max(m, 1)
-    elif a.flags.c_contiguous:  # its memory is a^T (n x m) column-major: C = A A^T with A = a^T
-        trans, lda = b"N", max(n, 1)
-    else:
-        a, trans, lda = np.asfortranarray(a), b"T", max(m, 1)
+    if not a.flags.f_contiguous and not a.flags.c_contiguous:
+        a = np.asfortranarray(a)
+    # column-major a (m x n): C = A^T A; a C-ordered a is a^T (n x m) in column-major memory: C = A A^T
+    transpose = a.flags.f_contiguous
+    if _FAST is None:
+        if m == 0:
+            return np.zeros((n, n), order="F")
+        return np.tril(scipy_blas.dsyrk(1.0, a if transpose else a.T, trans=int(transpose), lower=1))
+    lda = max(m if transpose else n, 1)
     c = np.zeros((n, n), order="F")
-    alpha, beta = ctypes.c_double(1.0), ctypes.c_double(0.0)
-    _dsyrk(b"L", trans, _i(n), _i(m), alpha, _data(a), _i(lda), beta, _data(c), _i(max(n, 1)))
+    _FAST.dsyrk(b"L", b"T" if transpose else b"N", _c_int(n), _c_int(m), ctypes.c_double(1.0), _data(a),
+                _c_int(lda), ctypes.c_double(0.0), _data(c), _c_int(max(n, 1)))  # fmt: skip
     return c
 
 
@@ -117,20 +205,30 @@ class Tridiagonal:
     def __init__(self, g: np.ndarray) -> None:
         c = _square_f64(g)
         n = c.shape[0]
-        self.d, self.e, self.tau = np.empty(n), np.empty(max(n - 1, 1)), np.empty(max(n - 1, 1))
         lwork = 64 * max(n, 1)
-        work, info = np.empty(lwork), ctypes.c_int(0)
-        _dsytrd(b"L", _i(n), _data(c), _i(max(n, 1)), _data(self.d), _data(self.e), _data(self.tau),
-                _data(work), _i(lwork), ctypes.byref(info))  # fmt: skip
-        _check(info, "dsytrd")
+        if _FAST is None:
+            c, self.d, self.e, self.tau, info = scipy_lapack.dsytrd(c, lower=1, lwork=lwork, overwrite_a=1)
+            _check(info, "dsytrd")
+        else:
+            self.d, self.e, self.tau = np.empty(n), np.empty(max(n - 1, 1)), np.empty(max(n - 1, 1))
+            work, info = np.empty(lwork), ctypes.c_int(0)
+            _FAST.dsytrd(b"L", _c_int(n), _data(c), _c_int(max(n, 1)), _data(self.d), _data(self.e),
+                         _data(self.tau), _data(work), _c_int(lwork), ctypes.byref(info))  # fmt: skip
+            _check(info.value, "dsytrd")
         self.n, self.reflectors = n, c
         self.e, self.tau = self.e[: n - 1], self.tau[: n - 1]
 
     def eigenvalues(self) -> np.ndarray:
         """All eigenvalues of T (= of g), ascending, by the root-free QR algorithm (dsterf)."""
+        if _FAST is None:
+            if self.n < 2:  # the wrapper wants a non-empty subdiagonal
+                return self.d.copy()
+            d, info = scipy_lapack.dsterf(self.d, self.e)
+            _check(info, "dsterf")
+            return d
         d, e, info = self.d.copy(), np.append(self.e, 0.0), ctypes.c_int(0)
-        _dsterf(_i(self.n), _data(d), _data(e), ctypes.byref(info))
-        _check(info, "dsterf")
+        _FAST.dsterf(_c_int(self.n), _data(d), _data(e), ctypes.byref(info))
+        _check(info.value, "dsterf")
         return d
 
     def apply_q(self, z: np.ndarray) -> np.ndarray:
@@ -145,11 +243,17 @@ class Tridiagonal:
         k = out.shape[1]
         if n < 2 or k == 0:
             return out
-        lwork, info = 64 * k, ctypes.c_int(0)
-        work, step = np.empty(lwork), out.itemsize  # element (1, 0) of a column-major array: one item in
-        _dormqr(b"L", b"N", _i(n - 1), _i(k), _i(n - 1), _data(self.reflectors) + step, _i(n), _data(self.tau),
-                _data(out) + step, _i(n), _data(work), _i(lwork), ctypes.byref(info))  # fmt: skip
-        _check(info, "dormqr")
+        lwork = 64 * k
+        if _FAST is None:
+            reflectors = self.reflectors[1:, : n - 1]
+            out[1:], _, info = scipy_lapack.dormqr("L", "N", reflectors, self.tau, out[1:], lwork)
+            _check(info, "dormqr")
+            return out
+        work, info, step = np.empty(lwork), ctypes.c_int(0), out.itemsize  # (1, 0) of a column-major array
+        _FAST.dormqr(b"L", b"N", _c_int(n - 1), _c_int(k), _c_int(n - 1), _data(self.reflectors) + step, _c_int(n),
+                     _data(self.tau), _data(out) + step, _c_int(n), _data(work), _c_int(lwork),
+                     ctypes.byref(info))  # fmt: skip
+        _check(info.value, "dormqr")
         return out
 
 
@@ -157,12 +261,14 @@ def eigh(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """All eigenvalues (ascending) and eigenvectors (columns) of a symmetric g, lower triangle read (dsyevd)."""
     a = _square_f64(g)
     n = a.shape[0]
+    if _FAST is None:
+        return scipy.linalg.eigh(a, lower=True, driver="evd", overwrite_a=True, check_finite=False)
     w, info = np.empty(n), ctypes.c_int(0)
     lwork, liwork = 1 + 6 * n + 2 * n * n, 3 + 5 * n
     if lwork > np.iinfo(np.intc).max:
         raise ValueError(f"a {n} x {n} eigen-decomposition needs more workspace than 32-bit LAPACK can address")
     work, iwork = np.empty(lwork), np.empty(liwork, dtype=np.intc)
-    _dsyevd(b"V", b"L", _i(n), _data(a), _i(max(n, 1)), _data(w), _data(work), _i(lwork), _data(iwork),
-            _i(liwork), ctypes.byref(info))  # fmt: skip
-    _check(info, "dsyevd")
+    _FAST.dsyevd(b"V", b"L", _c_int(n), _data(a), _c_int(max(n, 1)), _data(w), _data(work), _c_int(lwork),
+                 _data(iwork), _c_int(liwork), ctypes.byref(info))  # fmt: skip
+    _check(info.value, "dsyevd")
     return w, a

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,6 +15,7 @@ from torch import Tensor
 from core.spectra import (
     MatrixSVD,
     _lapack,
+    cached_decompositions,
     decompose,
     effective_rank,
     intruder_dimensions,
@@ -22,7 +25,9 @@ from core.spectra import (
     spectra_report,
     stable_rank,
     subspace_rotation,
+    weights_key,
 )
+from core.spectra import cache as spectra_cache
 from core.spectra.engine import eigh_descending
 
 
@@ -579,3 +584,108 @@ def test_impossible_requests_are_refused() -> None:
         spectra_report({"w": (torch.ones(0, 3), torch.zeros(0, 3))})
     with pytest.raises(ValueError, match="non-empty"):
         decompose({"w": torch.ones(3, 0)})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The disk cache of pretrained decompositions
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def counted_decompositions(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the matrices the disk cache decomposes, call after call."""
+    decomposed: list[str] = []
+
+    def counting(matrices: Mapping[str, Tensor], **options: object) -> dict[str, MatrixSVD]:
+        decomposed.extend(matrices)
+        return decompose(matrices, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(spectra_cache, "decompose", counting)
+    return decomposed
+
+
+def pretrained_of(updates: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    return {name: w0 for name, (w0, _) in updates.items()}
+
+
+def assert_same_decompositions(got: dict[str, MatrixSVD], want: dict[str, MatrixSVD]) -> None:
+    assert list(got) == list(want)
+    for name in want:
+        torch.testing.assert_close(got[name].S, want[name].S, rtol=0, atol=0)
+        torch.testing.assert_close(got[name].basis, want[name].basis, rtol=0, atol=0)
+
+
+def test_the_second_call_reads_the_disk_cache(tmp_path: Path, counted_decompositions: list[str]) -> None:
+    updates = vit_like_updates(seed=10, width=24)
+    backbone = {"name": "vit_tiny", "weights": "none"}
+    first = cached_decompositions(backbone, pretrained_of(updates), folder=tmp_path)
+    assert sorted(counted_decompositions) == sorted(updates)
+    assert [p.suffix for p in tmp_path.iterdir()] == [".safetensors"]  # no temporary file left behind
+    second = cached_decompositions(backbone, pretrained_of(updates), folder=tmp_path)
+    assert sorted(counted_decompositions) == sorted(updates)  # nothing decomposed again
+    assert_same_decompositions(second, first)
+    assert_same_decompositions(second, decompose(pretrained_of(updates), keep=0))
+    report = spectra_report(updates, k=4, pretrained=second)
+    pd.testing.assert_frame_equal(report.summary, spectra_report(updates, k=4).summary, rtol=1e-9, atol=1e-9)
+    other = cached_decompositions({"name": "vit_tiny", "weights": "hub"}, pretrained_of(updates), folder=tmp_path)
+    assert len(counted_decompositions) == 2 * len(updates)  # other weights: another file
+    assert_same_decompositions(other, first)
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_a_stale_entry_is_recomputed_and_the_file_rewritten(tmp_path: Path, counted_decompositions: list[str]) -> None:
+    updates = vit_like_updates(seed=11, width=24)
+    backbone = {"name": "vit_tiny", "weights": "none"}
+    cached_decompositions(backbone, pretrained_of(updates), folder=tmp_path)
+    changed = dict(pretrained_of(updates))
+    changed["blocks.1.mlp.fc2"] = 2 * changed["blocks.1.mlp.fc2"]  # same key, other weights
+    counted_decompositions.clear()
+    got = cached_decompositions(backbone, changed, folder=tmp_path)
+    assert counted_decompositions == ["blocks.1.mlp.fc2"]
+    assert_same_decompositions(got, decompose(changed, keep=0))
+    counted_decompositions.clear()
+    cached_decompositions(backbone, changed, folder=tmp_path)
+    assert counted_decompositions == []  # the rewritten file holds the fresh entry
+
+
+def test_a_weights_file_is_keyed_by_its_size_and_time(tmp_path: Path) -> None:
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"1234")
+    backbone = {"name": "vit_small_patch16_224", "weights": str(weights)}
+    before = weights_key(backbone)
+    assert before.startswith("vit_small_patch16_224|") and before == weights_key(backbone)
+    weights.write_bytes(b"12345")
+    assert weights_key(backbone) != before
+    assert weights_key({"name": "vit_small_patch16_224", "weights": "hub"}) == "vit_small_patch16_224|hub"
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "other key", "float32"])
+def test_a_corrupt_cache_file_is_refused_and_recomputed(
+    tmp_path: Path,
+    counted_decompositions: list[str],
+    damage: str,
+) -> None:
+    updates = vit_like_updates(seed=12, width=24)
+    backbone = {"name": "vit_tiny", "weights": "none"}
+    want = cached_decompositions(backbone, pretrained_of(updates), folder=tmp_path)
+    (path,) = tmp_path.iterdir()
+    if damage == "garbage":
+        path.write_bytes(b"\x00not a safetensors file" * 10)
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-100])
+    else:
+        from safetensors.numpy import save_file
+
+        arrays = {f"{n}:{part}": getattr(svd, attr).numpy() for n, svd in want.items()
+                  for part, attr in (("values", "S"), ("basis", "basis"))}  # fmt: skip
+        key = weights_key(backbone)
+        if damage == "other key":
+            key = "another|model"
+        else:
+            arrays = {name: a.astype(np.float32) for name, a in arrays.items()}
+        save_file(arrays, str(path), metadata={"key": key, "format": spectra_cache._FORMAT})
+    counted_decompositions.clear()
+    got = cached_decompositions(backbone, pretrained_of(updates), folder=tmp_path)
+    assert sorted(counted_decompositions) == sorted(updates)
+    assert_same_decompositions(got, want)
+    counted_decompositions.clear()
+    cached_decompositions(backbone, pretrained_of(updates), folder=tmp_path)
+    assert counted_decompositions == []  # rewritten whole

@@ -4,8 +4,10 @@ Modules, in reading order:
     engine: the numerical engine, float64 on the CPU (Gram route, low-rank shortcuts, threads, ``decompose``).
     metrics: relative changes, principal angles, intruder dimensions, effective and stable rank.
     report: ``spectra_report`` over a model's updates, and its tidy DataFrames (``SpectraReport``).
+    cache: pretrained decompositions kept on disk per backbone and weights (``cached_decompositions``).
 """
 
+from core.spectra.cache import cached_decompositions, weights_key
 from core.spectra.engine import MatrixSVD, decompose, singular_values
 from core.spectra.metrics import (
     Intruders,
@@ -24,6 +26,7 @@ __all__ = [
     "MatrixSVD",
     "Rotation",
     "SpectraReport",
+    "cached_decompositions",
     "decompose",
     "effective_rank",
     "intruder_dimensions",
@@ -34,4 +37,5 @@ __all__ = [
     "spectra_report",
     "stable_rank",
     "subspace_rotation",
+    "weights_key",
 ]

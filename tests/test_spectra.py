@@ -391,6 +391,11 @@ def test_lapack_products_match_numpy_for_every_memory_layout(lapack_path: str) -
         g = _lapack.gram_lower(f(x))
         np.testing.assert_allclose(np.tril(g), np.tril(x.T @ x), rtol=1e-12, atol=1e-12)
         assert not np.triu(g, 1).any()  # only the lower triangle is written
+    z = rng.standard_normal((7, 5))
+    for fw in views.values():
+        for fz in views.values():
+            sym = _lapack.symmetric_rank_2k_lower(fw(x), fz(z))
+            np.testing.assert_allclose(sym, np.tril(x @ z.T + z @ x.T), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="cannot multiply"):
         _lapack.matmul(x, x)
 

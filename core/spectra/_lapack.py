@@ -50,6 +50,7 @@ _SIGNATURE_PATTERN = {_CHAR: r"char \*", _INT: r"int \*", _IntArray: r"int \*", 
 _ROUTINE_ARGUMENTS: dict[str, tuple[str, tuple[object, ...]]] = {
     "dgemm": ("blas", (_CHAR, _CHAR, _INT, _INT, _INT, _DOUBLE, _ARRAY, _INT, _ARRAY, _INT, _DOUBLE, _ARRAY, _INT)),
     "dsyrk": ("blas", (_CHAR, _CHAR, _INT, _INT, _DOUBLE, _ARRAY, _INT, _DOUBLE, _ARRAY, _INT)),
+    "dsyr2k": ("blas", (_CHAR, _CHAR, _INT, _INT, _DOUBLE, _ARRAY, _INT, _ARRAY, _INT, _DOUBLE, _ARRAY, _INT)),
     "dsytrd": ("lapack", (_CHAR, _INT, _ARRAY, _INT, _ARRAY, _ARRAY, _ARRAY, _ARRAY, _INT, _INT)),
     "dsterf": ("lapack", (_INT, _ARRAY, _ARRAY, _INT)),
     "dormqr": ("lapack", (_CHAR, _CHAR, _INT, _INT, _INT, _ARRAY, _INT, _ARRAY, _ARRAY, _INT, _ARRAY, _INT, _INT)),
@@ -60,6 +61,7 @@ _ROUTINE_ARGUMENTS: dict[str, tuple[str, tuple[object, ...]]] = {
 class _Routines(NamedTuple):
     dgemm: ctypes._CFuncPtr
     dsyrk: ctypes._CFuncPtr
+    dsyr2k: ctypes._CFuncPtr
     dsytrd: ctypes._CFuncPtr
     dsterf: ctypes._CFuncPtr
     dormqr: ctypes._CFuncPtr
@@ -195,6 +197,25 @@ def gram_lower(a: np.ndarray) -> np.ndarray:
     c = np.zeros((n, n), order="F")
     _FAST.dsyrk(b"L", b"T" if transpose else b"N", _c_int(n), _c_int(m), ctypes.c_double(1.0), _data(a),
                 _c_int(lda), ctypes.c_double(0.0), _data(c), _c_int(max(n, 1)))  # fmt: skip
+    return c
+
+
+def symmetric_rank_2k_lower(w: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """w z^T + z w^T (n x n) for float64 (n x k) matrices by dsyr2k: the lower triangle only (the upper one is zero).
+
+    Meant for thin operands (k << n): they are copied to column-major order.
+    """
+    if w.shape != z.shape or w.ndim != 2 or w.dtype != np.float64 or z.dtype != np.float64:
+        raise ValueError(f"expected two float64 matrices of one shape, got {w.shape} and {z.shape}")
+    w, z = np.asfortranarray(w), np.asfortranarray(z)
+    n, k = w.shape
+    if k == 0:
+        return np.zeros((n, n), order="F")
+    if _FAST is None:
+        return np.tril(scipy_blas.dsyr2k(1.0, w, z, lower=1))
+    c = np.zeros((n, n), order="F")
+    _FAST.dsyr2k(b"L", b"N", _c_int(n), _c_int(k), ctypes.c_double(1.0), _data(w), _c_int(max(n, 1)), _data(z),
+                 _c_int(max(n, 1)), ctypes.c_double(0.0), _data(c), _c_int(max(n, 1)))  # fmt: skip
     return c
 
 

@@ -48,7 +48,7 @@ import torch
 from threadpoolctl import threadpool_limits
 from torch import Tensor
 
-from core.spectra._lapack import Tridiagonal, eigh, gram_lower, matmul
+from core.spectra._lapack import Tridiagonal, eigh, gram_lower, matmul, symmetric_rank_2k_lower
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Precision and orientation
@@ -330,19 +330,20 @@ def _tuned_svd(
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Singular values of A1 = A0 + D (all) and its leading ``vectors`` right and left singular vectors.
 
-    A low-rank D = L R^T changes the Gram matrix by a rank-2r term: A1^T A1 = A0^T A0 + Z M Z^T with
-    Z = [A0^T L, R] and M = [[0, I], [I, L^T L]]. In the pretrained basis V0, when known, A0^T A0 is diag(S0^2)
-    and Z becomes V0^T Z; otherwise the pretrained Gram matrix is reused. Either way O(n^2 r) work replaces a new
+    A low-rank D = L R^T changes the Gram matrix by a symmetric rank-2r term: with P = A0^T L and
+    W = P + R (L^T L) / 2, A1^T A1 = A0^T A0 + P R^T + R P^T + R L^T L R^T = A0^T A0 + W R^T + R W^T, whose lower
+    triangle one dsyr2k forms. In the pretrained basis V0, when known, A0^T A0 is diag(S0^2) and P, R become
+    V0^T P, V0^T R; otherwise the pretrained Gram matrix is reused. Either way O(n^2 r) work replaces a new
     O(m n^2) product; an update without low rank gets A1^T A1 formed directly. Same eigenvalues either way.
     """
     if update.factors is not None and (pre.basis is not None or pre.gram is not None):
         left, right = update.factors
         r = right.shape[1]
-        z = np.hstack([matmul(a0.T, left), right])  # n x 2r
+        z = np.hstack([matmul(a0.T, left), right])  # n x 2r: [P, R]
         if pre.basis is not None:
             z = matmul(pre.basis.T, z)
-        mix = np.block([[np.zeros((r, r)), np.eye(r)], [np.eye(r), matmul(left.T, left)]])
-        g = matmul(matmul(z, mix), z.T)
+        p, q = z[:, :r], np.ascontiguousarray(z[:, r:])
+        g = symmetric_rank_2k_lower(p + matmul(q, matmul(left.T, left)) / 2, q)
         if pre.basis is not None:
             g[np.diag_indices_from(g)] += np.square(pre.s)
         else:

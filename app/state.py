@@ -24,7 +24,7 @@ from core.backbone import BackboneSpec
 from core.experiment import Experiment, IntrinsicDimRequest, count_params, run_weight_updates
 from core.pareto import load_reference_results, reference_points
 from core.runs import RunStore, default_root
-from core.spectra import MatrixSVD, SpectraReport, decompose, spectra_report
+from core.spectra import MatrixSVD, SpectraReport, decompose, spectra_report, weights_key
 
 JobKind = Literal["finetune", "intrinsic_dim"]
 
@@ -72,27 +72,17 @@ def spectra(
     updates = run_weight_updates(store(root), run_id)  # rebuilds the pretrained backbone, copies it for the adapter
     if not updates:
         return None
-    cache = _pretrained_decompositions(_weights_key(store(root).get_run(run_id)["backbone"]))
+    cache = _pretrained_decompositions(weights_key(store(root).get_run(run_id)["backbone"]))
     missing = {name: w0 for name, (w0, _) in updates.items() if name not in cache}
     cache.update(decompose(missing, with_vectors=True, keep=0))
     return spectra_report(updates, k=k, intruder_threshold=threshold, with_vectors=with_vectors, pretrained=cache)
 
 
-def _weights_key(backbone: Mapping[str, Any]) -> str:
-    """What identifies a run's pretrained matrices: the model and its weights (a file also by size and time)."""
-    key = f"{backbone['name']}|{backbone['weights']}"
-    path = Path(str(backbone["weights"])).expanduser()
-    if path.is_file():
-        stat = path.stat()
-        key += f"|{stat.st_size}|{stat.st_mtime_ns}"
-    return key
-
-
 @st.cache_resource(show_spinner=False, max_entries=2)
-def _pretrained_decompositions(weights_key: str) -> dict[str, MatrixSVD]:
-    """The decompositions of one backbone's pretrained matrices, filled as runs need them: they are the same for
-    every run on it and are half the work of a report (ViT-B: 4.3 s once, then 2.4 s per report instead of 6.2 s).
-    A ViT-B's take about 340 MB (every singular vector of the short side, float64), a ViT-S's 85 MB."""
+def _pretrained_decompositions(key: str) -> dict[str, MatrixSVD]:
+    """The decompositions of one backbone's pretrained matrices (``core.spectra.weights_key``), filled as runs need
+    them: they are the same for every run on it and are about half the work of a report. A ViT-B's take about
+    340 MB (every singular vector of the short side, float64), a ViT-S's 85 MB."""
     return {}
 
 

@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _spectra(ns: argparse.Namespace) -> int:
     from core.experiment import run_weight_updates
     from core.runs import RunStore
-    from core.spectra import spectra_report
+    from core.spectra import cached_decompositions, spectra_report
 
     store = RunStore(ns.home)
     run = store.get_run(ns.run_id)
@@ -283,7 +283,10 @@ def _spectra(ns: argparse.Namespace) -> int:
             "bottleneck module, biases or the head only"
         )
         return 0
-    report = spectra_report(updates, k=ns.k, intruder_threshold=ns.threshold, with_vectors=not ns.values_only)
+    pretrained = cached_decompositions(run["backbone"], {name: w0 for name, (w0, _) in updates.items()})
+    report = spectra_report(
+        updates, k=ns.k, intruder_threshold=ns.threshold, with_vectors=not ns.values_only, pretrained=pretrained
+    )
     cols = [
         "name",
         "pretrained_sigma_max",

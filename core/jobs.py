@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from core.runs import FINISHED_STATUSES, RunStore, default_root
 
 if TYPE_CHECKING:
-    from core.experiment import Experiment, IntrinsicDimRequest
+    from core.experiment import CheckedExperiment, Experiment, IntrinsicDimRequest
 
 ADDRESS_ENV = "PETLAB_RAY_ADDRESS"
 NAMESPACE = "petlab"
@@ -323,7 +323,7 @@ def _execute_task() -> Any:
 # ----------------------------------------------------------------------------------------------------------------
 def submit(
     kind: JobKind,
-    spec: Experiment | IntrinsicDimRequest,
+    spec: Experiment | CheckedExperiment | IntrinsicDimRequest,
     root: Path | str | None = None,
     *,
     address: str | None = None,
@@ -333,8 +333,9 @@ def submit(
     owner: str | None = None,
     sweep_id: str | None = None,
 ) -> str:
-    """Validate a fine-tune (``Experiment``) or a measurement (``IntrinsicDimRequest``), record it ``queued`` and
-    hand it to Ray; returns its run id at once. It starts when its resources are free.
+    """Validate a fine-tune (``Experiment``; a ``CheckedExperiment`` from `validate` is not checked again) or a
+    measurement (``IntrinsicDimRequest``), record it ``queued`` and hand it to Ray; returns its run id at once. It
+    starts when its resources are free.
 
     Args:
         kind: ``finetune`` or ``intrinsic_dim``.
@@ -353,7 +354,8 @@ def submit(
     from core import experiment
 
     if kind == "finetune":
-        spec = experiment.validate(spec)  # type: ignore[arg-type]  # the worker does not check it again
+        if not isinstance(spec, experiment.CheckedExperiment):  # a sweep passes its points checked already
+            spec = experiment.validate(spec)  # the worker does not check it again
         record = experiment.experiment_record(spec.experiment)
         device = spec.experiment.train.device
     elif kind == "intrinsic_dim":

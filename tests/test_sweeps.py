@@ -13,7 +13,7 @@ from core import jobs, sweeps
 from core.__main__ import _sweep_spec, build_parser, main
 from core.experiment import experiment_record
 from core.runs import RunStore
-from tests.test_jobs import ray_cluster, until  # noqa: F401 - ray_cluster: a local Ray (num_cpus=2)
+from tests.test_jobs import until
 
 TINY = ["--backbone", "vit_tiny_patch16_224", "--weights", "none", "--img-size", "32"]
 TINY += ["--n-train", "64", "--n-val", "32", "--n-test", "32", "--batch-size", "16", "--warmup-steps", "1"]
@@ -130,7 +130,7 @@ def test_resuming_submits_only_the_points_without_a_result(tmp_path: Path, monke
 # ----------------------------------------------------------------------------------------------------------------
 # On a local Ray
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.usefixtures("ray_cluster")
+@pytest.mark.usefixtures("ray_local")
 def test_a_four_point_sweep_completes_and_resuming_runs_nothing_new(tmp_path: Path, capsys) -> None:
     home = str(tmp_path / "home")
     argv = ["--home", home, "sweep", "run", "--method", "lora:rank=2,4", "--dataset", "digits", "--seeds", "0,1"]
@@ -166,7 +166,7 @@ def test_a_four_point_sweep_completes_and_resuming_runs_nothing_new(tmp_path: Pa
         assert seconds - sweeps.START_S == pytest.approx(statistics.median(walls), rel=1e-6)
 
 
-@pytest.mark.usefixtures("ray_cluster")
+@pytest.mark.usefixtures("ray_local")
 def test_cancelling_a_sweep_cancels_its_queued_points(tmp_path: Path) -> None:
     store = RunStore(tmp_path / "home")
     spec = tiny_spec(["fact:rank=2,4,8"], steps=100_000)

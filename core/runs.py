@@ -58,7 +58,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from core.errors import PetlabError, StoreDamaged, StoreError, storage_error
+from core.errors import OptionError, PetlabError, StoreDamaged, StoreError, storage_error
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -436,7 +436,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 def _connect_read_only(db_path: Path) -> tuple[sqlite3.Connection, bool]:
-    """A connection that never writes, and whether it had to open the file as immutable.
+    """A connection that never writes, and whether it misses changes still in the ``-wal`` file.
 
     SQLite reads a WAL database read-only only where its shared-memory file exists or can be made; in a read-only
     folder or on a full disk it cannot, and then the file is read as immutable: without the changes still in its
@@ -451,7 +451,9 @@ def _connect_read_only(db_path: Path) -> tuple[sqlite3.Connection, bool]:
         if _sqlite_code(exc) not in (_CODE["SQLITE_CANTOPEN"], _CODE["SQLITE_IOERR"], _CODE["SQLITE_READONLY"]):
             raise
         conn.close()
-    return sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None), True
+    wal = db_path.with_name(db_path.name + "-wal")
+    wal_ignored = wal.is_file() and wal.stat().st_size > 0
+    return sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None), wal_ignored
 
 
 def _run_folders(runs_path: Path) -> dict[str, Path]:
@@ -509,8 +511,8 @@ class RunStore:
         self.runs_path = self.root / RUNS_DIR
         self.stale_after_s = stale_after_s
         self.read_only = read_only
-        self.immutable = False
-        """Whether a read-only open had to ignore the ``-wal`` file (see `_connect_read_only`)."""
+        self.wal_ignored = False
+        """Whether a read-only open misses the changes still in the ``-wal`` file (see `_connect_read_only`)."""
         self._local = threading.local()
         opening = (
             "the run store was not opened for writing; nothing was changed "
@@ -627,7 +629,7 @@ class RunStore:
             conn = sqlite3.connect(":memory:", isolation_level=None)
             migrate(conn)
             return conn
-        conn, self.immutable = _connect_read_only(self.db_path)
+        conn, self.wal_ignored = _connect_read_only(self.db_path)
         return conn
 
     @contextmanager
@@ -712,7 +714,7 @@ class RunStore:
 
     def _resolve(self, conn: sqlite3.Connection, run_id: str) -> str:
         if not isinstance(run_id, str) or not run_id:
-            raise ValueError(f"a run id must be a non-empty string, got {run_id!r}")
+            raise OptionError(f"a run id must be a non-empty string, got {run_id!r}")
         if conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
             return run_id
         matches = [
@@ -725,7 +727,7 @@ class RunStore:
             raise RunNotFoundError(f"no run with id {run_id!r} (nor one starting with it) in {self.db_path}")
         if len(matches) > 1:
             shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
-            raise ValueError(f"run id prefix {run_id!r} is ambiguous: it matches {shown}; give more characters")
+            raise OptionError(f"run id prefix {run_id!r} is ambiguous: it matches {shown}; give more characters")
         return matches[0]
 
     # ------------------------------------------------------------------------------------------- writing
@@ -1090,7 +1092,7 @@ class RunStore:
             statuses = [status] if isinstance(status, str) else list(status)
             bad = [s for s in statuses if s not in STATUSES]
             if bad:
-                raise ValueError(f"unknown status {', '.join(map(repr, bad))}; statuses: {', '.join(STATUSES)}")
+                raise OptionError(f"unknown status {', '.join(map(repr, bad))}; statuses: {', '.join(STATUSES)}")
             clauses.append(f"status IN ({', '.join('?' * len(statuses))})")
             params += statuses
         if method is not None:
@@ -1151,7 +1153,7 @@ class RunStore:
         path = Path(path)
         suffix = path.suffix.lower()
         if suffix not in (".csv", ".parquet"):
-            raise ValueError(f"export writes .csv or .parquet files, not {path.name!r}")
+            raise OptionError(f"export writes .csv or .parquet files, not {path.name!r}")
         frame = _tabular(self.list_runs())
         path.parent.mkdir(parents=True, exist_ok=True)
         if suffix == ".csv":
@@ -1218,7 +1220,7 @@ def check_store(root: Path | str | None = None) -> StoreCheck:
             report.notes.append(f"no runs recorded in {root} yet")
         return report
     try:
-        conn, immutable = _connect_read_only(db_path)
+        conn, wal_ignored = _connect_read_only(db_path)
         with contextlib.closing(conn):
             problems = [row[0] for row in conn.execute("PRAGMA integrity_check(20)")]
             version = _user_version(conn)
@@ -1226,7 +1228,7 @@ def check_store(root: Path | str | None = None) -> StoreCheck:
     except sqlite3.Error as exc:
         report.damage.append(f"{db_path} cannot be read ({exc}): rebuild it with {rebuild}")
         return report
-    if immutable:
+    if wal_ignored:
         report.notes.append(f"{db_path} was read without its -wal file (read-only folder or full disk)")
     if problems != ["ok"]:
         report.damage.append(f"{db_path} fails SQLite's integrity check: {'; '.join(problems)}")

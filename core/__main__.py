@@ -434,6 +434,7 @@ def _train(ns: argparse.Namespace) -> int:
 def _runs(ns: argparse.Namespace) -> int:
     import pandas as pd
 
+    from core.jobs import wait
     from core.runs import RunStore
 
     if ns.runs_command in ("check", "rebuild"):
@@ -473,14 +474,10 @@ def _runs(ns: argparse.Namespace) -> int:
         run_id = store.resolve(ns.run_id)
         status = store.request_cancel(run_id)
         if status == "running":
-            from core.jobs import wait
-
             print(f"run {run_id}: cancel requested; it stops before its next training step", flush=True)
             status = wait(store, run_id, timeout=120)["status"]
         print(f"run {run_id}: {status}")
     elif ns.runs_command == "wait":
-        from core.jobs import wait
-
         run = _follow(store, store.resolve(ns.run_id)) if ns.timeout is None else wait(store, ns.run_id, ns.timeout)
         print(f"run {run['id']}: {run['status']}: {run['message']}")
         return 0 if run["status"] == "completed" else 1

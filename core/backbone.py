@@ -47,6 +47,8 @@ from timm.models import VisionTransformer, get_pretrained_cfg, named_apply, spli
 from timm.models.vision_transformer import checkpoint_filter_fn, get_init_weights_vit
 from torch import nn
 
+from core.errors import PetlabError
+
 _log = logging.getLogger(__name__)
 
 OFFLINE_DEFAULT = "offline-default"
@@ -65,7 +67,7 @@ HUB_PROBE_TIMEOUT_S = 2.0
 WeightsSource = Literal["offline-default", "hub", "file", "none"]
 
 
-class BackboneError(Exception):
+class BackboneError(PetlabError):
     """Base class of the errors this module raises on purpose."""
 
 

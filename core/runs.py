@@ -3,7 +3,8 @@
 Layout under the data folder (`default_root`: ``$PETLAB_HOME``, else the user's data directory)::
 
     runs.sqlite            one row per run (table ``runs``) and its metric history (table ``metrics``)
-    runs/<run_id>/         the run's files: ``adapter.safetensors`` and anything else the trainer keeps
+    runs/<run_id>/         the run's files: ``adapter.safetensors``, ``run.json`` (its row, so that the index can be
+                           rebuilt) and anything else the trainer keeps
 
 Several processes may write at once (two trainers) while another reads (the app). SQLite in WAL mode makes that
 safe: readers never block writers, writers queue on one lock. Each write is one short ``BEGIN IMMEDIATE``
@@ -17,20 +18,29 @@ calls `RunStore.recover`, which marks it ``interrupted`` (its metrics and files 
 plus `_METRICS_DDL`, versioned by ``PRAGMA user_version``: to add a column, append it with ``since`` set to a new
 `SCHEMA_VERSION`, and `migrate` adds it to older databases.
 
+Damage is never repaired silently: a ``runs.sqlite`` that SQLite cannot read, or one that is missing or empty while
+run folders exist, raises `StoreDamaged` and is left as it is. `check_store` reports damage, `rebuild_store`
+rebuilds the index from the run folders' ``run.json`` records (and whatever the old file still yields), keeping the
+old file aside. A store on a full disk or in a read-only folder still opens with ``read_only=True``.
+
 Run ids are time-sortable (``20261122-153012-ab12cd``, UTC); every method taking a run id also takes a unique
 prefix of one, like git.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
+import errno
 import importlib.metadata
+import itertools
 import json
 import math
 import operator
 import os
 import platform
+import re
 import secrets
 import shutil
 import socket
@@ -48,25 +58,32 @@ from typing import Any, Literal
 
 import pandas as pd
 
+from core.errors import OptionError, PetlabError, StoreDamaged, StoreError, storage_error
+
 __all__ = [
     "ACTIVE_STATUSES",
     "FINISHED_STATUSES",
     "KINDS",
     "RUN_COLUMNS",
     "SCHEMA_VERSION",
+    "RebuildReport",
+    "StoreCheck",
     "STATUSES",
     "Column",
     "RunNotFoundError",
     "RunStore",
+    "check_store",
     "default_root",
     "migrate",
     "package_versions",
+    "rebuild_store",
 ]
 
 HOME_ENV = "PETLAB_HOME"
 DB_NAME = "runs.sqlite"
 RUNS_DIR = "runs"
 ADAPTER_FILE = "adapter.safetensors"
+RECORD_FILE = "run.json"
 BUSY_TIMEOUT_S = 10.0
 STALE_AFTER_S = 1800.0
 """A ``running`` run whose heartbeat is older than this is taken for dead, even where its pid cannot be checked
@@ -180,7 +197,7 @@ def migrate(conn: sqlite3.Connection) -> None:
     A fresh file gets every table; an older one gets the columns added since its version, then the data steps.
 
     Raises:
-        RuntimeError: the database was written by a newer PETLab (a higher schema version).
+        StoreError: (a RuntimeError) the database was written by a newer PETLab (a higher schema version).
     """
     if _user_version(conn) == SCHEMA_VERSION:
         return
@@ -188,7 +205,7 @@ def migrate(conn: sqlite3.Connection) -> None:
     try:
         version = _user_version(conn)  # again, under the lock: another process may have migrated meanwhile
         if version > SCHEMA_VERSION:
-            raise RuntimeError(
+            raise StoreError(
                 f"this run store has schema version {version} but this PETLab knows versions up to "
                 f"{SCHEMA_VERSION}; upgrade PETLab, or point ${HOME_ENV} at another folder"
             )
@@ -354,11 +371,110 @@ def _tabular(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-class RunNotFoundError(KeyError):
-    """No run has this id, nor an id starting with it."""
+_RUN_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}")
+# SQLite's primary result codes (the low byte of an extended code), and the words of their messages for Python 3.10,
+# whose sqlite3 errors carry no code.
+_SQLITE_CODES = {
+    "SQLITE_PERM": (3, "access permission denied"),
+    "SQLITE_READONLY": (8, "readonly database"),
+    "SQLITE_IOERR": (10, "disk i/o error"),
+    "SQLITE_CORRUPT": (11, "malformed"),
+    "SQLITE_FULL": (13, "database or disk is full"),
+    "SQLITE_CANTOPEN": (14, "unable to open database file"),
+    "SQLITE_NOTADB": (26, "file is not a database"),
+}
+_CODE = {name: code for name, (code, _) in _SQLITE_CODES.items()}
+_MIN_FREE_BYTES = 64 * 1024
+"""Below this much free space SQLite cannot even map its shared-memory file: the disk counts as full."""
 
-    def __str__(self) -> str:  # KeyError would print the message in quotes
-        return str(self.args[0])
+
+def _sqlite_code(exc: sqlite3.Error) -> int | None:
+    """SQLite's primary result code of ``exc``, or None when it has none we know."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF
+    text = str(exc).lower()
+    return next((code for code, words in _SQLITE_CODES.values() if words in text), None)
+
+
+def _storage_error(exc: BaseException, where: Path, consequence: str) -> PetlabError | None:
+    """The `NoSpace` or `NotWritable` that ``exc`` (an OSError, or a sqlite3 error on a file in ``where``) stands
+    for, with ``consequence`` (what happened and what was kept) in its message; None when it is neither."""
+    if isinstance(exc, OSError):
+        return storage_error(exc.errno, Path(exc.filename).parent if exc.filename else where, consequence)
+    code = _sqlite_code(exc) if isinstance(exc, sqlite3.Error) else None
+    if code == _CODE["SQLITE_FULL"]:
+        return storage_error(errno.ENOSPC, where, consequence)
+    if code not in (_CODE[name] for name in ("SQLITE_PERM", "SQLITE_READONLY", "SQLITE_IOERR", "SQLITE_CANTOPEN")):
+        return None
+    # SQLite says "disk I/O error" or "unable to open" for several causes: ask the file system which one it is.
+    if not hasattr(os, "statvfs"):
+        return None
+    try:
+        stats = os.statvfs(where)
+    except OSError:
+        return None
+    if stats.f_flag & os.ST_RDONLY:
+        return storage_error(errno.EROFS, where, consequence)
+    if stats.f_bavail * stats.f_frsize < _MIN_FREE_BYTES:
+        return storage_error(errno.ENOSPC, where, consequence)
+    if not os.access(where, os.W_OK):
+        return storage_error(errno.EACCES, where, consequence)
+    return None
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a partial file and a rename: readers see the old or the new file, never
+    half of one. A failed write removes its partial file."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def _connect_read_only(db_path: Path) -> tuple[sqlite3.Connection, bool]:
+    """A connection that never writes, and whether it misses changes still in the ``-wal`` file.
+
+    SQLite reads a WAL database read-only only where its shared-memory file exists or can be made; in a read-only
+    folder or on a full disk it cannot, and then the file is read as immutable: without the changes still in its
+    ``-wal`` file (a checkpoint moves them into the main file; the last writer to close does one).
+    """
+    uri = db_path.resolve().as_uri() + "?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    try:
+        conn.execute("PRAGMA user_version").fetchone()
+        return conn, False
+    except sqlite3.OperationalError as exc:
+        if _sqlite_code(exc) not in (_CODE["SQLITE_CANTOPEN"], _CODE["SQLITE_IOERR"], _CODE["SQLITE_READONLY"]):
+            raise
+        conn.close()
+    wal = db_path.with_name(db_path.name + "-wal")
+    wal_ignored = wal.is_file() and wal.stat().st_size > 0
+    return sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None), wal_ignored
+
+
+def _run_folders(runs_path: Path) -> dict[str, Path]:
+    """The run folders under ``runs_path`` (folders named like a run id), by id."""
+    if not runs_path.is_dir():
+        return {}
+    return {p.name: p for p in sorted(runs_path.iterdir()) if p.is_dir() and _RUN_ID.fullmatch(p.name)}
+
+
+def _read_record(folder: Path) -> dict[str, Any] | None:
+    """The row kept in a run folder's ``run.json``; None when there is none or it cannot be read."""
+    try:
+        record = json.loads((folder / RECORD_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    run = record.get("run") if isinstance(record, dict) else None
+    return run if isinstance(run, dict) and run.get("id") == folder.name else None
+
+
+class RunNotFoundError(PetlabError, KeyError):
+    """No run has this id, nor an id starting with it."""
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -373,26 +489,86 @@ class RunStore:
     on first use. Every method taking ``run_id`` accepts a unique prefix of one.
     """
 
-    def __init__(self, root: Path | str | None = None, stale_after_s: float = STALE_AFTER_S) -> None:
-        """Create the folders and schema if needed, migrate an older schema, and `recover` dead runs.
+    def __init__(
+        self, root: Path | str | None = None, stale_after_s: float = STALE_AFTER_S, read_only: bool = False
+    ) -> None:
+        """Open the store: create the folders and schema if needed, migrate an older schema, `recover` dead runs.
 
         Args:
             root: The data folder; None means `default_root`.
             stale_after_s: Heartbeat age after which a ``running`` run counts as dead (see `STALE_AFTER_S`).
+            read_only: Write nothing at all (no folders, no migration, no recovery, no switch to WAL): for reading
+                a store on a full disk or in a read-only folder. A store that does not exist yet reads as empty;
+                its write methods raise `StoreError`.
+
+        Raises:
+            StoreDamaged: SQLite cannot read ``runs.sqlite``, or it is missing or empty while run folders exist.
+            NoSpace, NotWritable: the store cannot be written (full disk, read-only folder); open it read-only.
+            StoreError: a newer schema, or (read-only) an older one that needs the migration a writable open does.
         """
         self.root = Path(root).expanduser() if root is not None else default_root()
         self.db_path = self.root / DB_NAME
         self.runs_path = self.root / RUNS_DIR
         self.stale_after_s = stale_after_s
+        self.read_only = read_only
+        self.wal_ignored = False
+        """Whether a read-only open misses the changes still in the ``-wal`` file (see `_connect_read_only`)."""
         self._local = threading.local()
-        self.runs_path.mkdir(parents=True, exist_ok=True)
-        migrate(self._conn())
-        self.recover()
+        opening = (
+            "the run store was not opened for writing; nothing was changed "
+            f"(`python -m core --home {self.root} runs list` still reads it)"
+        )
+        with self._translating(opening):
+            if not read_only:
+                self.runs_path.mkdir(parents=True, exist_ok=True)
+            self._refuse_lost_index()
+            version = _user_version(self._conn())
+            if read_only:
+                self._check_readable_version(version)
+            else:
+                migrate(self._conn())
+                self.recover()
 
     @classmethod
-    def open(cls, root: Path | str | None = None, stale_after_s: float = STALE_AFTER_S) -> RunStore:
-        """Same as ``RunStore(root)``."""
-        return cls(root, stale_after_s)
+    def open(
+        cls, root: Path | str | None = None, stale_after_s: float = STALE_AFTER_S, read_only: bool = False
+    ) -> RunStore:
+        """Same as ``RunStore(root, stale_after_s, read_only)``."""
+        return cls(root, stale_after_s, read_only)
+
+    def _refuse_lost_index(self) -> None:
+        """Raise `StoreDamaged` when ``runs.sqlite`` is missing or empty but run folders exist: opening would make
+        a fresh, empty index and every run would vanish from the list."""
+        if self.db_path.is_file() and self.db_path.stat().st_size > 0:
+            return
+        folders = _run_folders(self.runs_path)
+        if not folders:
+            return
+        state = "is empty (0 bytes)" if self.db_path.exists() else "is missing"
+        raise StoreDamaged(
+            f"the run store index {self.db_path} {state} but {len(folders)} run folder(s) exist in "
+            f"{self.runs_path}: the index was lost, not the runs. Nothing was changed; rebuild the index from the "
+            f"folders with `python -m core --home {self.root} runs rebuild`"
+        )
+
+    def _check_readable_version(self, version: int) -> None:
+        """A read-only open reads only the current schema (it cannot migrate)."""
+        if version == SCHEMA_VERSION or self._empty():
+            return
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"the run store {self.db_path} has schema version {version} but this PETLab knows versions up to "
+                f"{SCHEMA_VERSION}; upgrade PETLab"
+            )
+        raise StoreError(
+            f"the run store {self.db_path} has schema version {version} and needs an upgrade to version "
+            f"{SCHEMA_VERSION}, which a read-only open does not make: run any command that writes (e.g. "
+            f"`python -m core --home {self.root} runs list`) once the folder is writable and has free space"
+        )
+
+    def _empty(self) -> bool:
+        """Whether there is no database file yet (or a 0-byte one), which a read-only open reads as no runs."""
+        return not self.db_path.is_file() or self.db_path.stat().st_size == 0
 
     def __repr__(self) -> str:
         return f"RunStore({str(self.root)!r})"
@@ -428,33 +604,94 @@ class RunStore:
         local = self._local
         if getattr(local, "conn", None) is not None and local.pid == os.getpid():
             return local.conn
-        conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        if self.read_only:
+            conn = self._read_only_conn()
+        else:
+            conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            mode = self._wal(conn)
+            if mode.lower() != "wal":
+                warnings.warn(
+                    f"{self.db_path} could not switch to WAL mode (got {mode!r}); concurrent runs may wait on each "
+                    "other. Is the data folder on a network file system?",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            conn.execute("PRAGMA synchronous = NORMAL")  # safe in WAL mode: a power cut loses the last commits only
+            conn.execute("PRAGMA foreign_keys = ON")
         conn.row_factory = sqlite3.Row
-        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-        mode = self._wal(conn)
-        if mode.lower() != "wal":
-            warnings.warn(
-                f"{self.db_path} could not switch to WAL mode (got {mode!r}); concurrent runs may wait on each "
-                "other. Is the data folder on a network file system?",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        conn.execute("PRAGMA synchronous = NORMAL")  # safe in WAL mode: a power cut loses the last commits only
-        conn.execute("PRAGMA foreign_keys = ON")
         local.conn, local.pid = conn, os.getpid()  # a connection inherited through fork is dropped, not reused
         return conn
 
+    def _read_only_conn(self) -> sqlite3.Connection:
+        """A connection that never writes; an empty in-memory store when there is no database file yet."""
+        if self._empty():
+            conn = sqlite3.connect(":memory:", isolation_level=None)
+            migrate(conn)
+            return conn
+        conn, self.wal_ignored = _connect_read_only(self.db_path)
+        return conn
+
+    @contextmanager
+    def _translating(self, consequence: str) -> Iterator[None]:
+        """Raise SQLite's and the file system's errors as PETLab's: `StoreDamaged` for a file SQLite cannot read,
+        `NoSpace` / `NotWritable` (saying ``consequence``) for a full disk or a read-only folder."""
+        try:
+            yield
+        except (sqlite3.Error, OSError) as exc:
+            if isinstance(exc, PetlabError):
+                raise
+            code = _sqlite_code(exc) if isinstance(exc, sqlite3.Error) else None
+            if code in (_CODE["SQLITE_CORRUPT"], _CODE["SQLITE_NOTADB"]):
+                raise self._damaged(str(exc)) from exc
+            problem = _storage_error(exc, self.root, consequence)
+            if problem is None:
+                raise
+            raise problem from exc
+
+    def _damaged(self, detail: str) -> StoreDamaged:
+        return StoreDamaged(
+            f"the run store {self.db_path} is damaged ({detail}); it was left as it is. See what is affected with "
+            f"`python -m core --home {self.root} runs check`, rebuild it from the run folders with "
+            f"`python -m core --home {self.root} runs rebuild` (the damaged file is kept aside)"
+        )
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection, for reading; errors as in `_translating`."""
+        with self._translating("nothing was changed"):
+            yield self._conn()
+
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One short write transaction; the write lock is taken at BEGIN (waiting up to `BUSY_TIMEOUT_S`)."""
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        """One short write transaction; the write lock is taken at BEGIN (waiting up to `BUSY_TIMEOUT_S`).
+
+        A failure rolls it back: nothing of it is recorded, everything recorded before is kept.
+        """
+        if self.read_only:
+            raise StoreError(f"the run store {self.db_path} was opened read-only; open it without read_only to write")
+        kept = f"this change was not recorded; every run recorded before is kept in {self.db_path}"
+        with self._translating(kept):
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise
+
+    def _save_record(self, conn: sqlite3.Connection, run_id: str) -> None:
+        """Write the run's row to ``runs/<id>/run.json`` (atomically), inside the write transaction that changed
+        it: writers hold the lock, so the file follows the row in commit order, and a failed write is rolled back
+        with the change."""
+        row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        folder = self.runs_path / run_id
+        folder.mkdir(parents=True, exist_ok=True)
+        record = {"schema_version": SCHEMA_VERSION, "run": _decode(row)}
+        _write_atomically(folder / RECORD_FILE, json.dumps(record, indent=1, sort_keys=True).encode())
 
     def close(self) -> None:
         """Close this thread's connection (others close when their thread ends); the store stays usable."""
@@ -472,11 +709,12 @@ class RunStore:
             RunNotFoundError: (a KeyError) no run matches.
             ValueError: the prefix is empty or matches several runs.
         """
-        return self._resolve(self._conn(), run_id)
+        with self._read() as conn:
+            return self._resolve(conn, run_id)
 
     def _resolve(self, conn: sqlite3.Connection, run_id: str) -> str:
         if not isinstance(run_id, str) or not run_id:
-            raise ValueError(f"a run id must be a non-empty string, got {run_id!r}")
+            raise OptionError(f"a run id must be a non-empty string, got {run_id!r}")
         if conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
             return run_id
         matches = [
@@ -489,7 +727,7 @@ class RunStore:
             raise RunNotFoundError(f"no run with id {run_id!r} (nor one starting with it) in {self.db_path}")
         if len(matches) > 1:
             shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
-            raise ValueError(f"run id prefix {run_id!r} is ambiguous: it matches {shown}; give more characters")
+            raise OptionError(f"run id prefix {run_id!r} is ambiguous: it matches {shown}; give more characters")
         return matches[0]
 
     # ------------------------------------------------------------------------------------------- writing
@@ -511,7 +749,8 @@ class RunStore:
         return {name: _encode(columns[name], value) for name, value in fields.items()}
 
     def create_run(self, record: Mapping[str, Any], status: Literal["running", "queued"] = "running") -> str:
-        """Insert a run; return its id. Its folder is created, and this process is recorded as its writer.
+        """Insert a run; return its id. Its folder and ``run.json`` are created, and this process is recorded as
+        its writer.
 
         Args:
             record: Any non-system fields of `RUN_COLUMNS` (method, method_options, backbone, dataset, ...).
@@ -537,12 +776,12 @@ class RunStore:
                     conn.execute(
                         f"INSERT INTO runs ({names}) VALUES ({', '.join('?' * len(values))})", list(values.values())
                     )
+                    self._save_record(conn, values["id"])  # creates the run's folder
                 break
             except sqlite3.IntegrityError:  # the same id in the same second: draw again
                 continue
         else:
             raise RuntimeError("could not draw a unique run id in 10 tries")
-        (self.runs_path / values["id"]).mkdir(parents=True, exist_ok=True)
         return values["id"]
 
     def start_run(
@@ -572,6 +811,7 @@ class RunStore:
             if cursor.rowcount == 0:
                 status = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
                 raise ValueError(f"run {run_id} is {status}, not queued; only a queued run can start")
+            self._save_record(conn, run_id)
 
     def request_cancel(self, run_id: str) -> str:
         """Cancel a run: a queued one ends ``cancelled`` at once; a running one is asked to stop (its worker sees
@@ -588,6 +828,7 @@ class RunStore:
                     "cancel_requested_at = ?, finished_at = ? WHERE id = ?",
                     (now, now, run_id),
                 )
+                self._save_record(conn, run_id)
                 return "cancelled"
             if status == "running":
                 conn.execute("UPDATE runs SET cancel_requested_at = ? WHERE id = ?", (now, run_id))
@@ -595,23 +836,23 @@ class RunStore:
 
     def cancel_requested(self, run_id: str) -> bool:
         """Whether someone asked this run to stop (`request_cancel`)."""
-        conn = self._conn()
-        row = conn.execute("SELECT cancel_requested_at FROM runs WHERE id = ?", (self._resolve(conn, run_id),))
-        return row.fetchone()[0] is not None
+        with self._read() as conn:
+            row = conn.execute("SELECT cancel_requested_at FROM runs WHERE id = ?", (self._resolve(conn, run_id),))
+            return row.fetchone()[0] is not None
 
     def queue_position(self, run_id: str) -> int | None:
         """1 for the next queued run to start among those waiting for the same resources, 2 for the one after,
         ...; None when the run is not queued. Ray starts work that needs the same resources in submission order."""
-        conn = self._conn()
-        run_id = self._resolve(conn, run_id)
-        row = conn.execute("SELECT status, resources, created_at FROM runs WHERE id = ?", (run_id,)).fetchone()
-        if row["status"] != "queued":
-            return None
-        ahead = conn.execute(
-            "SELECT COUNT(*) FROM runs WHERE status = 'queued' AND resources IS ? AND (created_at < ? OR "
-            "(created_at = ? AND id < ?))",
-            (row["resources"], row["created_at"], row["created_at"], run_id),
-        ).fetchone()[0]
+        with self._read() as conn:
+            run_id = self._resolve(conn, run_id)
+            row = conn.execute("SELECT status, resources, created_at FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row["status"] != "queued":
+                return None
+            ahead = conn.execute(
+                "SELECT COUNT(*) FROM runs WHERE status = 'queued' AND resources IS ? AND (created_at < ? OR "
+                "(created_at = ? AND id < ?))",
+                (row["resources"], row["created_at"], row["created_at"], run_id),
+            ).fetchone()[0]
         return int(ahead) + 1
 
     def update_run(self, run_id: str, **fields: Any) -> None:
@@ -625,6 +866,7 @@ class RunStore:
         with self._write() as conn:
             run_id = self._resolve(conn, run_id)
             conn.execute(f"UPDATE runs SET {assignments} WHERE id = ?", [*values.values(), run_id])
+            self._save_record(conn, run_id)
 
     def finish_run(self, run_id: str, status: str, message: str | None = None, **fields: Any) -> None:
         """End a run: set its final status, message and any record fields, the finish time, and its adapter file
@@ -650,6 +892,7 @@ class RunStore:
                 values["adapter_file"] = ADAPTER_FILE
             assignments = ", ".join(f"{name} = ?" for name in values)
             conn.execute(f"UPDATE runs SET {assignments} WHERE id = ?", [*values.values(), run_id])
+            self._save_record(conn, run_id)
 
     def heartbeat(self, run_id: str) -> None:
         """Record that the run's writer is alive (also done by `update_run` and `log_metrics`)."""
@@ -716,11 +959,20 @@ class RunStore:
             self._touch(conn, run_id)
 
     def write_adapter(self, run_id: str, data: bytes) -> Path:
-        """Store a run's adapter file from its bytes (what a worker on another node sends back), atomically."""
+        """Store a run's adapter file from its bytes (what a worker on another node sends back), atomically.
+
+        Raises:
+            NoSpace, NotWritable: the file could not be written; nothing of it is left, the run's record is kept.
+        """
         path = self.adapter_path(run_id)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_bytes(data)
-        os.replace(partial, path)
+        kept = f"the adapter of run {path.parent.name} was not saved (no partial file is left); its record is kept"
+        try:
+            _write_atomically(path, data)
+        except OSError as exc:
+            problem = _storage_error(exc, path.parent, kept)
+            if problem is None:
+                raise
+            raise problem from exc
         return path
 
     def record_adapter(self, run_id: str) -> Path:
@@ -733,7 +985,9 @@ class RunStore:
         if not path.is_file():
             raise FileNotFoundError(f"no adapter file at {path}; write it (core.methods.save_adapter) first")
         with self._write() as conn:
-            conn.execute("UPDATE runs SET adapter_file = ? WHERE id = ?", (path.name, self._resolve(conn, run_id)))
+            run_id = self._resolve(conn, run_id)
+            conn.execute("UPDATE runs SET adapter_file = ? WHERE id = ?", (path.name, run_id))
+            self._save_record(conn, run_id)
         return path
 
     def recover(self) -> list[str]:
@@ -741,14 +995,17 @@ class RunStore:
 
         Gone means: a ``running`` or ``queued`` run of this host whose pid no longer exists, or a ``running`` run
         (any host) whose heartbeat is older than ``stale_after_s``. Their metrics and files stay. A heartbeat that
-        arrives meanwhile wins (each update checks the heartbeat it judged).
+        arrives meanwhile wins (each update checks the heartbeat it judged). A read-only store recovers nothing.
         """
+        if self.read_only:
+            return []
         host, now = socket.gethostname(), datetime.now(timezone.utc)
-        rows = self._conn().execute(
-            "SELECT id, status, pid, hostname, heartbeat_at FROM runs WHERE status IN ('running', 'queued')"
-        )
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT id, status, pid, hostname, heartbeat_at FROM runs WHERE status IN ('running', 'queued')"
+            ).fetchall()
         verdicts = []
-        for row in rows.fetchall():
+        for row in rows:
             beat = row["heartbeat_at"]
             age = (now - datetime.fromisoformat(beat)).total_seconds() if beat else math.inf
             when = f"last heartbeat {beat} ({_duration(age)} before recovery)" if beat else "no heartbeat recorded"
@@ -770,7 +1027,9 @@ class RunStore:
                     "WHERE id = ? AND status = ? AND heartbeat_at IS ?",
                     (message, _now(), run_id, status, beat),
                 )
-                recovered += [run_id] * cursor.rowcount
+                if cursor.rowcount:
+                    self._save_record(conn, run_id)
+                    recovered.append(run_id)
         return recovered
 
     def delete_run(self, run_id: str, force: bool = False) -> None:
@@ -798,8 +1057,8 @@ class RunStore:
         Raises:
             RunNotFoundError: (a KeyError) unknown id; ValueError: ambiguous prefix.
         """
-        conn = self._conn()
-        row = conn.execute("SELECT * FROM runs WHERE id = ?", (self._resolve(conn, run_id),)).fetchone()
+        with self._read() as conn:
+            row = conn.execute("SELECT * FROM runs WHERE id = ?", (self._resolve(conn, run_id),)).fetchone()
         if row is None:  # deleted between the two statements
             raise RunNotFoundError(f"run {run_id!r} was just deleted")
         return _decode(row)
@@ -833,7 +1092,7 @@ class RunStore:
             statuses = [status] if isinstance(status, str) else list(status)
             bad = [s for s in statuses if s not in STATUSES]
             if bad:
-                raise ValueError(f"unknown status {', '.join(map(repr, bad))}; statuses: {', '.join(STATUSES)}")
+                raise OptionError(f"unknown status {', '.join(map(repr, bad))}; statuses: {', '.join(STATUSES)}")
             clauses.append(f"status IN ({', '.join('?' * len(statuses))})")
             params += statuses
         if method is not None:
@@ -844,8 +1103,9 @@ class RunStore:
                 clauses.append(f"{column} = ?")
                 params.append(value)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        rows = self._conn().execute(f"SELECT * FROM runs {where} ORDER BY created_at DESC, id DESC", params)
-        records = [_decode(row) for row in rows.fetchall()]
+        with self._read() as conn:
+            rows = conn.execute(f"SELECT * FROM runs {where} ORDER BY created_at DESC, id DESC", params).fetchall()
+        records = [_decode(row) for row in rows]
         if dataset is not None:
             records = [r for r in records if _dataset_name(r["dataset"]) == dataset]
         if not records:
@@ -857,24 +1117,25 @@ class RunStore:
 
     def metrics(self, run_id: str, split: str | None = None, name: str | None = None) -> pd.DataFrame:
         """A run's metric history in long form: step, epoch, split, name, value, time (unix seconds), by step."""
-        conn = self._conn()
-        clauses, params = ["run_id = ?"], [self._resolve(conn, run_id)]
-        for column, value in (("split", split), ("name", name)):
-            if value is not None:
-                clauses.append(f"{column} = ?")
-                params.append(value)
-        rows = conn.execute(
-            f"SELECT step, epoch, split, name, value, time FROM metrics WHERE {' AND '.join(clauses)} "
-            "ORDER BY step, rowid",
-            params,
-        ).fetchall()
+        with self._read() as conn:
+            clauses, params = ["run_id = ?"], [self._resolve(conn, run_id)]
+            for column, value in (("split", split), ("name", name)):
+                if value is not None:
+                    clauses.append(f"{column} = ?")
+                    params.append(value)
+            rows = conn.execute(
+                f"SELECT step, epoch, split, name, value, time FROM metrics WHERE {' AND '.join(clauses)} "
+                "ORDER BY step, rowid",
+                params,
+            ).fetchall()
         frame = pd.DataFrame([tuple(row) for row in rows], columns=list(_METRIC_KEYS))
         return frame.astype({"step": "int64", "epoch": "float64", "value": "float64", "time": "float64"})
 
     def run_dir(self, run_id: str) -> Path:
-        """The run's folder (created if missing)."""
+        """The run's folder (created if missing, unless the store is read-only)."""
         path = self.runs_path / self.resolve(run_id)
-        path.mkdir(parents=True, exist_ok=True)
+        if not self.read_only:
+            path.mkdir(parents=True, exist_ok=True)
         return path
 
     def adapter_path(self, run_id: str) -> Path:
@@ -892,7 +1153,7 @@ class RunStore:
         path = Path(path)
         suffix = path.suffix.lower()
         if suffix not in (".csv", ".parquet"):
-            raise ValueError(f"export writes .csv or .parquet files, not {path.name!r}")
+            raise OptionError(f"export writes .csv or .parquet files, not {path.name!r}")
         frame = _tabular(self.list_runs())
         path.parent.mkdir(parents=True, exist_ok=True)
         if suffix == ".csv":
@@ -914,3 +1175,224 @@ def _duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Damage: check and rebuild
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StoreCheck:
+    """What `check_store` found.
+
+    Attributes:
+        root: The data folder.
+        runs: Rows the index holds (0 when it cannot be read).
+        damage: Problems that lose or hide runs or their files; each says what to do.
+        notes: Findings that are not damage.
+    """
+
+    root: Path
+    runs: int = 0
+    damage: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.damage
+
+
+def check_store(root: Path | str | None = None) -> StoreCheck:
+    """Look for damage without writing anything: SQLite's integrity check of ``runs.sqlite``, a lost index (missing or
+    empty while run folders exist), rows without a folder, recorded adapter files that are missing, and folders
+    without a row (orphans)."""
+    root = Path(root).expanduser() if root is not None else default_root()
+    db_path, runs_path = root / DB_NAME, root / RUNS_DIR
+    report = StoreCheck(root)
+    folders = _run_folders(runs_path)
+    rebuild = f"`python -m core --home {root} runs rebuild`"
+    if not db_path.is_file() or db_path.stat().st_size == 0:
+        state = "is empty (0 bytes)" if db_path.exists() else "is missing"
+        if folders:
+            report.damage.append(f"the index {db_path} {state} but {len(folders)} run folder(s) exist: rebuild it")
+        else:
+            report.notes.append(f"no runs recorded in {root} yet")
+        return report
+    try:
+        conn, wal_ignored = _connect_read_only(db_path)
+        with contextlib.closing(conn):
+            problems = [row[0] for row in conn.execute("PRAGMA integrity_check(20)")]
+            version = _user_version(conn)
+            rows = {row[0]: (row[1], row[2]) for row in conn.execute("SELECT id, status, adapter_file FROM runs")}
+    except sqlite3.Error as exc:
+        report.damage.append(f"{db_path} cannot be read ({exc}): rebuild it with {rebuild}")
+        return report
+    if wal_ignored:
+        report.notes.append(f"{db_path} was read without its -wal file (read-only folder or full disk)")
+    if problems != ["ok"]:
+        report.damage.append(f"{db_path} fails SQLite's integrity check: {'; '.join(problems)}")
+    if version != SCHEMA_VERSION:
+        report.notes.append(f"schema version {version}; this PETLab writes version {SCHEMA_VERSION}")
+    report.runs = len(rows)
+    without_record = []
+    for run_id, (status, adapter_file) in rows.items():
+        folder = runs_path / run_id
+        if not folder.is_dir():
+            report.damage.append(f"run {run_id} ({status}) has no folder {folder}")
+            continue
+        if adapter_file and not (folder / adapter_file).is_file():
+            report.damage.append(f"run {run_id} ({status}): its adapter file {folder / adapter_file} is missing")
+        if not (folder / RECORD_FILE).is_file():
+            without_record.append(run_id)
+    for run_id, folder in folders.items():
+        if run_id not in rows:
+            restorable = (
+                f"its {RECORD_FILE} lets {rebuild} restore it"
+                if _read_record(folder) is not None
+                else f"it has no readable {RECORD_FILE}, so a rebuild cannot restore it"
+            )
+            report.damage.append(f"folder {folder} has no row in the index (an orphan): {restorable}")
+    if without_record:
+        report.notes.append(
+            f"{len(without_record)} run(s) have no {RECORD_FILE} (recorded before PETLab kept one): a rebuild "
+            f"recovers them from {db_path} only while it can still be read, and writes their {RECORD_FILE}"
+        )
+    return report
+
+
+@dataclass
+class RebuildReport:
+    """What `rebuild_store` recovered.
+
+    Attributes:
+        root: The data folder.
+        from_index: Runs whose row came from the old ``runs.sqlite`` (it could still be read).
+        from_records: Runs whose row came from their folder's ``run.json``.
+        metric_rows: Metric history rows copied from the old ``runs.sqlite``.
+        unrecovered: Run folders with neither a readable row nor a ``run.json``; left as they are.
+        kept_aside: Where the old ``runs.sqlite`` (and its ``-wal`` / ``-shm``) went.
+    """
+
+    root: Path
+    from_index: list[str] = dataclasses.field(default_factory=list)
+    from_records: list[str] = dataclasses.field(default_factory=list)
+    metric_rows: int = 0
+    unrecovered: list[Path] = dataclasses.field(default_factory=list)
+    kept_aside: list[Path] = dataclasses.field(default_factory=list)
+
+
+def _salvage(db_path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, list[tuple]]]:
+    """The rows and metric histories that can still be read from ``db_path``, by run id (empty when none)."""
+    if not db_path.is_file() or db_path.stat().st_size == 0:
+        return {}, {}
+    rows: dict[str, dict[str, Any]] = {}
+    metrics: dict[str, list[tuple]] = {}
+    try:
+        conn, _ = _connect_read_only(db_path)
+    except sqlite3.Error:
+        return {}, {}
+    with contextlib.closing(conn):
+        conn.row_factory = sqlite3.Row
+        try:
+            version = _user_version(conn)
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{db_path} was written by a newer PETLab (schema version {version}); upgrade PETLab to rebuild it"
+                )
+            ids = [row[0] for row in conn.execute("SELECT id FROM runs")]
+        except sqlite3.Error:
+            return {}, {}
+        for run_id in ids:  # one run at a time: a damaged page loses the runs on it, not all of them
+            try:
+                rows[run_id] = _decode(conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone())
+                metrics[run_id] = [
+                    tuple(row)
+                    for row in conn.execute(
+                        "SELECT run_id, step, epoch, split, name, value, time FROM metrics WHERE run_id = ? "
+                        "ORDER BY rowid",
+                        (run_id,),
+                    )
+                ]
+            except sqlite3.Error:
+                continue
+    return rows, metrics
+
+
+def rebuild_store(root: Path | str | None = None) -> RebuildReport:
+    """Rebuild ``runs.sqlite`` from what survives, and move the old file aside (never deleting it).
+
+    Each run's row comes from the old file where it can still be read, else from its folder's ``run.json``; metric
+    histories come only from the old file (``run.json`` keeps a run's final metrics, in its row, not the history of
+    every step). Every recovered run gets its ``run.json`` written afresh. The old file and its ``-wal`` / ``-shm``
+    become ``runs.sqlite.before-rebuild-<UTC time>``. Stop every job on this store first: a writer that still has
+    the old file open would keep writing to it.
+
+    Raises:
+        StoreError: the old file was written by a newer PETLab.
+        NoSpace, NotWritable: the new file could not be written; the old one is then left where it was.
+    """
+    root = Path(root).expanduser() if root is not None else default_root()
+    db_path, runs_path = root / DB_NAME, root / RUNS_DIR
+    report = RebuildReport(root)
+    rows, metrics = _salvage(db_path)
+    report.from_index = sorted(rows)
+    for run_id, folder in _run_folders(runs_path).items():
+        if run_id in rows:
+            continue
+        record = _read_record(folder)
+        if record is None:
+            report.unrecovered.append(folder)
+        else:
+            rows[run_id] = record
+            report.from_records.append(run_id)
+    for row in rows.values():
+        row.setdefault("kind", "finetune")  # a row of a schema-1 store (migration step 2)
+    fresh = root / f"{DB_NAME}.rebuilding"
+    kept = f"the index was not rebuilt; {db_path} was left where it was"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fresh.unlink(missing_ok=True)  # what a rebuild that failed half-way left
+        with contextlib.closing(sqlite3.connect(fresh, isolation_level=None)) as conn:
+            migrate(conn)
+            conn.execute("BEGIN")
+            for row in rows.values():
+                values = [
+                    json.dumps(row.get(c.name), sort_keys=True)
+                    if c.kind == "json" and row.get(c.name) is not None
+                    else row.get(c.name)
+                    for c in RUN_COLUMNS
+                ]
+                names = ", ".join(c.name for c in RUN_COLUMNS)
+                conn.execute(f"INSERT INTO runs ({names}) VALUES ({', '.join('?' * len(RUN_COLUMNS))})", values)
+            for history in metrics.values():
+                conn.executemany(
+                    "INSERT INTO metrics (run_id, step, epoch, split, name, value, time) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    history,
+                )
+                report.metric_rows += len(history)
+            conn.execute("COMMIT")
+        stamp = base = f"{DB_NAME}.before-rebuild-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+        suffixes = ("", "-wal", "-shm")
+        for number in itertools.count(2):  # never replace what an earlier rebuild kept aside
+            if not any((root / f"{stamp}{suffix}").exists() for suffix in suffixes):
+                break
+            stamp = f"{base}-{number}"
+        for suffix in suffixes:
+            old = root / f"{DB_NAME}{suffix}"
+            if old.exists():
+                aside = root / f"{stamp}{suffix}"
+                os.replace(old, aside)
+                report.kept_aside.append(aside)
+        os.replace(fresh, db_path)
+    except (OSError, sqlite3.Error) as exc:
+        problem = _storage_error(exc, root, kept)
+        if problem is None:
+            raise
+        raise problem from exc
+    store = RunStore(root)
+    with store._write() as conn:
+        for run_id in rows:
+            store._save_record(conn, run_id)
+    store.close()
+    return report

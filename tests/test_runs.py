@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 
 from core import runs as R
+from core.errors import StoreDamaged, StoreError
 from core.runs import RunNotFoundError, RunStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -508,3 +509,169 @@ def test_cancel_ends_a_queued_run_at_once_and_flags_a_running_one(tmp_path: Path
     assert store.cancel_requested(behind)
     store.finish_run(behind, "completed")
     assert store.request_cancel(behind) == "completed"  # nothing to cancel any more
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Damage: run.json, a damaged or lost index, check and rebuild, read-only opens
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _record(root: Path, run_id: str) -> dict:
+    return json.loads((root / "runs" / run_id / R.RECORD_FILE).read_text())["run"]
+
+
+def _store_with_history(root: Path, runs: int = 3, steps: int = 5) -> list[str]:
+    """A closed store of finished runs, each with a metric history and an adapter file; their ids."""
+    store = RunStore(root)
+    ids = []
+    for index in range(runs):
+        run_id = store.create_run({**RECORD, "label": f"run {index} " + "x" * 200})
+        store.log_metrics(run_id, [dict(step=s, split="train", name="loss", value=1.0 / (s + 1)) for s in range(steps)])
+        store.adapter_path(run_id).write_bytes(b"adapter bytes")
+        store.finish_run(run_id, "completed", best_val_acc=0.5 + index / 10, steps=steps)
+        ids.append(run_id)
+    store.close()
+    return ids
+
+
+def test_run_json_follows_the_row_at_each_change(tmp_path: Path) -> None:
+    store = RunStore(tmp_path)
+    queued = store.create_run(RECORD, status="queued")
+    assert _record(tmp_path, queued) == store.get_run(queued) and _record(tmp_path, queued)["status"] == "queued"
+    store.start_run(queued)
+    assert _record(tmp_path, queued)["status"] == "running"
+    store.update_run(queued, trainable_params=42)
+    assert _record(tmp_path, queued)["trainable_params"] == 42
+    store.adapter_path(queued).write_bytes(b"adapter")
+    store.record_adapter(queued)
+    assert _record(tmp_path, queued)["adapter_file"] == R.ADAPTER_FILE
+    store.finish_run(queued, "diverged", "diverged at step 3: loss is nan", best_val_acc=0.25)
+    record = _record(tmp_path, queued)
+    assert (record["status"], record["message"]) == ("diverged", "diverged at step 3: loss is nan")
+    assert record["best_val_acc"] == 0.25 and record["method_options"] == RECORD["method_options"]
+
+    cancelled = store.create_run(RECORD, status="queued")
+    store.request_cancel(cancelled)
+    assert _record(tmp_path, cancelled)["status"] == "cancelled"
+    dead = store.create_run(RECORD)
+    _sql(tmp_path, "UPDATE runs SET pid = ? WHERE id = ?", (_dead_pid(), dead))
+    assert store.recover() == [dead] and _record(tmp_path, dead)["status"] == "interrupted"
+    assert not list((tmp_path / "runs").glob("*/*.partial"))
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has ended (and was reaped)."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+@pytest.mark.parametrize("damage", ["garbage header", "truncated"])
+def test_a_damaged_index_is_refused_clearly_left_as_it_is_and_rebuilt(tmp_path: Path, damage: str) -> None:
+    ids = _store_with_history(tmp_path, runs=20, steps=100)
+    db = tmp_path / R.DB_NAME
+    data = db.read_bytes()
+    damaged = b"this is not SQLite" * 64 + data[1152:] if damage == "garbage header" else data[: len(data) // 2]
+    db.write_bytes(damaged)
+
+    with pytest.raises(StoreDamaged) as caught:
+        store = RunStore(tmp_path)
+        for run_id in ids:  # a truncated file may open; reading the lost pages then fails
+            store.metrics(run_id)
+    message = str(caught.value)
+    assert str(db) in message and "is damaged" in message and "runs rebuild" in message and "runs check" in message
+    with pytest.raises(StoreDamaged):
+        store = RunStore(tmp_path, read_only=True)
+        for run_id in ids:
+            store.metrics(run_id)
+    assert db.read_bytes() == damaged  # left as it is
+
+    report = R.check_store(tmp_path)
+    assert not report.ok and any(str(db) in line for line in report.damage)
+    rebuilt = R.rebuild_store(tmp_path)
+    assert sorted(rebuilt.from_index + rebuilt.from_records) == sorted(ids) and not rebuilt.unrecovered
+    aside = [p for p in rebuilt.kept_aside if not p.name.endswith(("-wal", "-shm"))]
+    assert len(aside) == 1 and aside[0].read_bytes() == damaged  # kept aside, never deleted
+    store = RunStore(tmp_path)
+    runs = store.list_runs().set_index("id")
+    assert sorted(runs.index) == sorted(ids)
+    assert runs.loc[ids[3], "best_val_acc"] == pytest.approx(0.8) and runs.loc[ids[3], "label"].startswith("run 3")
+    assert (runs["status"] == "completed").all() and (runs["adapter_file"] == R.ADAPTER_FILE).all()
+    assert R.check_store(tmp_path).ok
+
+
+def test_an_empty_or_missing_index_with_run_folders_is_refused_not_recreated(tmp_path: Path) -> None:
+    ids = _store_with_history(tmp_path)
+    db = tmp_path / R.DB_NAME
+    db.write_bytes(b"")
+    for read_only in (False, True):
+        with pytest.raises(StoreDamaged, match=r"is empty \(0 bytes\) but 3 run folder\(s\) exist.*runs rebuild"):
+            RunStore(tmp_path, read_only=read_only)
+    assert db.stat().st_size == 0  # not re-created empty
+    assert "is empty (0 bytes)" in R.check_store(tmp_path).damage[0]
+    db.unlink()
+    with pytest.raises(StoreDamaged, match="is missing"):
+        RunStore(tmp_path)
+    assert not db.exists()
+
+    rebuilt = R.rebuild_store(tmp_path)
+    assert sorted(rebuilt.from_records) == sorted(ids) and rebuilt.from_index == [] and rebuilt.metric_rows == 0
+    store = RunStore(tmp_path)
+    assert sorted(store.list_runs()["id"]) == sorted(ids)
+    assert store.get_run(ids[0])["best_val_acc"] == pytest.approx(0.5)  # the final metrics live in run.json
+    assert store.metrics(ids[0]).empty  # the history lived only in the lost index
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / R.DB_NAME).write_bytes(b"")
+    assert RunStore(tmp_path / "empty").list_runs().empty  # no run folders: nothing is lost, it simply starts
+
+
+def test_check_finds_orphans_missing_adapters_and_rows_without_folders_and_rebuild_keeps_history(
+    tmp_path: Path,
+) -> None:
+    ids = _store_with_history(tmp_path, runs=4)
+    orphan, adapterless, folderless, healthy = ids
+    _sql(tmp_path, "DELETE FROM runs WHERE id = ?", (orphan,))  # its run.json remains
+    (tmp_path / "runs" / adapterless / R.ADAPTER_FILE).unlink()
+    (tmp_path / "runs" / folderless / R.ADAPTER_FILE).unlink()
+    (tmp_path / "runs" / folderless / R.RECORD_FILE).unlink()
+    (tmp_path / "runs" / folderless).rmdir()
+    bare = tmp_path / "runs" / "20200101-000000-abcdef"
+    bare.mkdir()  # a folder with neither a row nor a run.json
+
+    report = R.check_store(tmp_path)
+    assert report.runs == 3 and not report.ok
+    damage = "\n".join(report.damage)
+    assert f"folder {tmp_path / 'runs' / orphan} has no row" in damage and "lets `python -m core" in damage
+    assert f"folder {bare} has no row" in damage and "cannot restore it" in damage
+    assert f"run {adapterless} (completed): its adapter file" in damage
+    assert f"run {folderless} (completed) has no folder" in damage
+    assert healthy not in damage and len(report.damage) == 4
+
+    before = (tmp_path / R.DB_NAME).read_bytes()
+    rebuilt = R.rebuild_store(tmp_path)
+    assert rebuilt.from_records == [orphan] and sorted(rebuilt.from_index) == sorted([adapterless, folderless, healthy])
+    assert rebuilt.unrecovered == [bare] and bare.is_dir()
+    assert rebuilt.metric_rows == 15 and rebuilt.kept_aside[0].read_bytes() == before
+    store = RunStore(tmp_path)
+    assert len(store.metrics(healthy)) == 5 and store.metrics(orphan).empty
+    assert sorted(store.list_runs()["id"]) == sorted(ids)
+
+
+def test_read_only_open_writes_nothing_and_refuses_writes(tmp_path: Path) -> None:
+    empty = RunStore(tmp_path / "nowhere", read_only=True)
+    assert empty.list_runs().empty and not (tmp_path / "nowhere").exists()
+
+    store = RunStore(tmp_path)
+    run_id = store.create_run(RECORD)
+    _sql(tmp_path, "UPDATE runs SET pid = ? WHERE id = ?", (_dead_pid(), run_id))
+    store.close()
+    reader = RunStore(tmp_path, read_only=True)
+    assert reader.get_run(run_id)["status"] == "running"  # a read-only open recovers nothing
+    assert reader.recover() == [] and reader.run_dir(run_id) == tmp_path / "runs" / run_id
+    with pytest.raises(StoreError, match="opened read-only"):
+        reader.update_run(run_id, steps=3)
+    _sql(tmp_path, "PRAGMA user_version = 1")
+    with pytest.raises(StoreError, match="needs an upgrade to version 2, which a read-only open does not make"):
+        RunStore(tmp_path, read_only=True)
+    assert _sql(tmp_path, "PRAGMA user_version") == [(1,)]

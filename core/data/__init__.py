@@ -40,6 +40,7 @@ from pathlib import Path
 
 from core.data.builtin import load_builtin
 from core.data.datasets import (
+    SKIPPED_RECORDED,
     DataBundle,
     FileImageDataset,
     ImageDataset,
@@ -47,7 +48,14 @@ from core.data.datasets import (
     make_loader,
     unnormalize,
 )
-from core.data.folders import IMAGE_EXTENSIONS, MATERIALISE_BYTES, VTAB_LISTS, load_from_disk, resolve_inside
+from core.data.folders import (
+    IMAGE_EXTENSIONS,
+    MATERIALISE_BYTES,
+    VTAB_LISTS,
+    check_data,
+    load_from_disk,
+    resolve_inside,
+)
 from core.data.images import image_to_array, load_image, resize
 from core.data.procedural import (
     CANVAS,
@@ -69,6 +77,7 @@ __all__ = [
     "MATERIALISE_BYTES",
     "NORMALIZATIONS",
     "ORIENTATION_BINS",
+    "SKIPPED_RECORDED",
     "SPLITS",
     "VTAB_LISTS",
     "DataBundle",
@@ -76,6 +85,7 @@ __all__ = [
     "FileImageDataset",
     "ImageDataset",
     "TensorImageDataset",
+    "check_data",
     "default_data_root",
     "image_to_array",
     "list_datasets",

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from core.data import DataSpec, load_data
-from core.data.uploads import UploadLimits, list_uploads, unpack_upload, uploads_folder
+from core.data.uploads import UploadLimits, list_uploads, suggested_name, unpack_upload, uploads_folder
 
 
 def _png(value: int = 100, size: tuple[int, int] = (8, 8)) -> bytes:
@@ -174,3 +174,11 @@ def test_names_and_non_zip_files_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "archive.zip"
     path.write_bytes(_zip(_classes()).getvalue())
     assert unpack_upload(path, "from-a-path", data_root=tmp_path).files == 8
+
+
+def test_suggested_names_are_accepted_names(tmp_path: Path) -> None:
+    assert suggested_name("My Pets (2024).zip") == "My-Pets-2024-"
+    assert suggested_name("C:\\Users\\me\\.hidden set.zip") == "hidden-set"
+    assert suggested_name("...zip") == "upload"
+    name = suggested_name("My Pets (2024).zip")
+    assert unpack_upload(_zip(_classes()), name, data_root=tmp_path).dataset == f"folder:uploads/{name}"

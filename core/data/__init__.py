@@ -30,7 +30,8 @@ was checked up front.
 
 Modules, in reading order: `spec` (the DataSpec), `splits`, `images` (decoding one file), `datasets` (the
 datasets, DataBundle, DataLoader), `builtin` (offline sets), `procedural` (generated tasks), `folders` (image
-and VTAB-1k folders). Every public name is re-exported here.
+and VTAB-1k folders), `uploads` (zip archives unpacked into the data root, within limits). Every public name is
+re-exported here.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ from core.data.procedural import (
 )
 from core.data.spec import BAD_FILE_POLICIES, NORMALIZATIONS, SPLITS, DataSpec, default_data_root, list_datasets
 from core.data.splits import stratified_split
+from core.data.uploads import Upload, UploadLimits, list_uploads, suggested_name, unpack_upload
 
 __all__ = [
     "BAD_FILE_POLICIES",
@@ -85,10 +87,13 @@ __all__ = [
     "FileImageDataset",
     "ImageDataset",
     "TensorImageDataset",
+    "Upload",
+    "UploadLimits",
     "check_data",
     "default_data_root",
     "image_to_array",
     "list_datasets",
+    "list_uploads",
     "load_data",
     "load_image",
     "make_loader",
@@ -97,7 +102,9 @@ __all__ = [
     "resize",
     "resolve_inside",
     "stratified_split",
+    "suggested_name",
     "unnormalize",
+    "unpack_upload",
 ]
 
 

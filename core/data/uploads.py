@@ -126,6 +126,12 @@ class Upload:
     bytes: int
 
 
+def suggested_name(filename: str) -> str:
+    """A dataset name for an uploaded file: its stem with other characters than `NAME_PATTERN` allows as ``-``."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", PurePosixPath(filename.replace("\\", "/")).stem)
+    return stem.lstrip("._-")[:64] or "upload"
+
+
 def uploads_folder(data_root: Path | str | None = None) -> Path:
     """``<data root>/uploads`` (the data root defaults to `default_data_root`)."""
     return Path(data_root if data_root is not None else default_data_root()).expanduser() / UPLOADS_DIR

@@ -215,7 +215,9 @@ def test_local_file_round_trip(suffix: str, tiny_state_dict: dict[str, torch.Ten
     assert loaded.keys() == tiny_state_dict.keys()
     assert all(torch.equal(loaded[k], v) for k, v in tiny_state_dict.items())
 
-    other_head, info = build_backbone(dataclasses.replace(TINY_SPEC, weights=str(path), num_classes=5), data_root=tmp_path)
+    other_head, info = build_backbone(
+        dataclasses.replace(TINY_SPEC, weights=str(path), num_classes=5), data_root=tmp_path
+    )
     assert info.new_head and other_head.head.weight.shape[0] == 5
     assert torch.equal(other_head.blocks[0].attn.qkv.weight, tiny_state_dict["blocks.0.attn.qkv.weight"])
 
@@ -294,9 +296,7 @@ def test_bad_specs_fail_before_any_weights(spec: BackboneSpec, expected: str) ->
     assert expected in str(caught.value)
 
 
-@pytest.mark.parametrize(
-    "field", [{"img_size": 0}, {"num_classes": -1}, {"drop_path_rate": 1.0}, {"name": ""}]
-)
+@pytest.mark.parametrize("field", [{"img_size": 0}, {"num_classes": -1}, {"drop_path_rate": 1.0}, {"name": ""}])
 def test_spec_rejects_impossible_values(field: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         BackboneSpec(**field)  # type: ignore[arg-type]

@@ -104,15 +104,53 @@ def references(
 # Jobs: submitted to Ray through core.jobs, followed through the run store
 # ----------------------------------------------------------------------------------------------------------------
 def submit(kind: JobKind, spec: Experiment | IntrinsicDimRequest, root: Path | str | None = None) -> str:
-    """Submit a fine-tune or a measurement as a Ray job (`core.jobs.submit`) and return its run id at once; the
-    page keeps it (`remember`) and polls the store. The first call starts the embedded Ray (a few seconds) unless
-    ``$PETLAB_RAY_ADDRESS`` names a cluster.
+    """Submit a fine-tune or a measurement as a Ray job (`core.jobs.submit`) for the signed-in user (its owner)
+    and return its run id at once; the page keeps it (`remember`) and polls the store. The first call starts the
+    embedded Ray (a few seconds) unless ``$PETLAB_RAY_ADDRESS`` names a cluster.
 
     Raises:
-        ValueError: a bad option, backbone or group (nothing is recorded or started).
+        ValueError: a bad option, backbone, group, data folder or weights file, or nobody signed in where sign-in
+            is configured (nothing is recorded or started).
     """
+    if not may_start():
+        raise ValueError("Sign in (in the sidebar) to start jobs on this server.")
     folder = Path(root).expanduser() if root is not None else default_root()
-    return jobs.submit(kind, spec, folder)
+    return jobs.submit(kind, spec, folder, owner=user_email())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sign-in: Streamlit's own (st.login with an OIDC provider in .streamlit/secrets.toml), when configured
+# ----------------------------------------------------------------------------------------------------------------
+def sign_in_configured() -> bool:
+    """Whether the server has sign-in configured: ``st.user`` then always says whether someone is logged in
+    (Streamlit adds ``is_logged_in`` only when ``secrets.toml`` has an ``[auth]`` section)."""
+    return "is_logged_in" in st.user
+
+
+def user_email() -> str | None:
+    """The signed-in user's email (the provider's subject id if it gives none), recorded as the owner of the jobs
+    they start; None when nobody is signed in or sign-in is not configured."""
+    if not sign_in_configured() or not st.user.is_logged_in:
+        return None
+    email = st.user.get("email") or st.user.get("sub")
+    return str(email) if email else None
+
+
+def may_start() -> bool:
+    """Whether this browser may start jobs and upload data: anyone on an open server, else a signed-in user."""
+    return not sign_in_configured() or user_email() is not None
+
+
+def owns(run: Mapping[str, Any]) -> bool:
+    """Whether this browser's user may change a run (cancel or delete it): anyone on an open server; with sign-in
+    configured, only the signed-in user who started it."""
+    return not sign_in_configured() or (user_email() is not None and run.get("owner") == user_email())
+
+
+def may_cancel(run: Mapping[str, Any], started_here: bool) -> bool:
+    """Whether to offer a Cancel button for a queued or running job: with sign-in configured, to its owner in any
+    browser; on an open server, to the browser that started it."""
+    return owns(run) and (started_here or sign_in_configured())
 
 
 def remember(key: str, run_id: str) -> None:

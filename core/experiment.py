@@ -24,8 +24,8 @@ import torch
 from timm.models import get_pretrained_cfg
 
 from core import methods
-from core.backbone import BackboneSpec, build_backbone, skeleton
-from core.data import DataSpec, load_data
+from core.backbone import BackboneSpec, build_backbone, skeleton, weights_file
+from core.data import DataSpec, check_data, load_data
 from core.intrinsic_dim import (
     IntrinsicDimConfig,
     IntrinsicDimResult,
@@ -171,14 +171,30 @@ class CheckedExperiment:
     params: ParamCount
 
 
-def validate(experiment: Experiment) -> CheckedExperiment:
-    """Check the method and its options against the backbone's shape on a weightless model, so a bad option fails
-    before anything is loaded or recorded.
+def check_inputs(data: DataSpec, backbone: BackboneSpec, data_root: Path | str | None = None) -> None:
+    """Check where a run's images and weights file are, without reading them, so that a missing folder or a path
+    outside the allowed folders fails before a run is recorded (`core.data.check_data`,
+    `core.backbone.weights_file`). The job's worker reads them on its node, which is this one unless the job
+    runs on another node of a cluster: data and weights files must then be at the same paths on both.
 
     Raises:
-        ValueError: a bad backbone name or size, an unknown method, or a bad option.
+        ValueError: a data folder or weights file outside the data root (weights: or the PETLab cache), missing, or
+            a VTAB folder without its lists.
+    """
+    check_data(data, data_root)
+    if backbone.source == "file":
+        weights_file(backbone.weights, data_root)
+
+
+def validate(experiment: Experiment, data_root: Path | str | None = None) -> CheckedExperiment:
+    """Check the method and its options against the backbone's shape on a weightless model, and where the data and
+    a weights file are (`check_inputs`), so a bad option or path fails before anything is loaded or recorded.
+
+    Raises:
+        ValueError: a bad backbone name or size, an unknown method, a bad option, or a bad data or weights path.
     """
     params = count_params(experiment.backbone_spec(num_classes=2), experiment.method, experiment.options)
+    check_inputs(experiment.data, experiment.backbone, data_root)
     return CheckedExperiment(dataclasses.replace(experiment, options=params.options), params)
 
 
@@ -219,17 +235,18 @@ def run_experiment(
     store stops the training before its next step.
 
     Raises:
-        ValueError: a bad method or option (before anything is recorded). Errors after the run was recorded are
-            re-raised after the run is marked ``failed`` with the message.
+        ValueError: a bad method, option, data or weights path (before anything is recorded). Errors after the run
+            was recorded are re-raised after the run is marked ``failed`` with the message.
     """
-    checked = experiment if isinstance(experiment, CheckedExperiment) else validate(experiment)
+    checked = experiment if isinstance(experiment, CheckedExperiment) else validate(experiment, data_root)
     experiment = checked.experiment
     if run_id is None:
         run_id = store.create_run(experiment_record(experiment))
     cancel = cancel or CancelToken()
     try:
         bundle = load_data(experiment.data, data_root)
-        model, info = build_backbone(experiment.backbone_spec(bundle.num_classes))
+        store.update_run(run_id, skipped_files=bundle.skipped_report())
+        model, info = build_backbone(experiment.backbone_spec(bundle.num_classes), data_root)
         methods.apply(model, experiment.method, **experiment.options)
         store.update_run(
             run_id,
@@ -319,14 +336,16 @@ class IntrinsicDimRequest:
         return self.groups if isinstance(self.groups, str) else list(self.groups)
 
 
-def measurement_record(request: IntrinsicDimRequest) -> dict[str, Any]:
-    """What the run store records of a measurement before it starts; checks the backbone and the groups first.
+def measurement_record(request: IntrinsicDimRequest, data_root: Path | str | None = None) -> dict[str, Any]:
+    """What the run store records of a measurement before it starts; checks the backbone, the groups and where the
+    data and a weights file are (`check_inputs`) first.
 
     Raises:
-        ValueError: a bad backbone, size or group (nothing is recorded).
+        ValueError: a bad backbone, size, group, or data or weights path (nothing is recorded).
     """
     spec = dataclasses.replace(request.backbone, img_size=request.data.img_size)
     resolve_groups(request.group_list(), len(skeleton(spec).blocks))
+    check_inputs(request.data, request.backbone, data_root)
     return {
         "kind": "intrinsic_dim",
         "label": request.label,
@@ -374,17 +393,18 @@ def run_intrinsic_dim(
     groups it did not measure say so. ``store``, ``run_id`` and cancelling work as in `run_experiment`.
 
     Raises:
-        ValueError: a bad backbone or group (before anything is recorded).
+        ValueError: a bad backbone, group, or data or weights path (before anything is recorded).
     """
     if run_id is None:
-        run_id = store.create_run(measurement_record(request))
+        run_id = store.create_run(measurement_record(request, data_root))
     cancel = cancel or CancelToken()
     watch = CancelWatch(store, run_id, cancel)
     trials: list[dict[str, Any]] = []
     try:
         data = load_data(request.data, data_root)
+        store.update_run(run_id, skipped_files=data.skipped_report())
         spec = dataclasses.replace(request.backbone, img_size=request.data.img_size, num_classes=data.num_classes)
-        model, info = build_backbone(spec)
+        model, info = build_backbone(spec, data_root)
         model.to("cuda" if torch.cuda.is_available() else "cpu")
         store.update_run(run_id, weights=info.to_dict(), result={"trials": trials, "phase": "measuring"})
 

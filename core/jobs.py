@@ -349,17 +349,18 @@ def submit(
         sweep_id: The sweep it is a point of.
 
     Raises:
-        ValueError: a bad option (the message says which); nothing is recorded or submitted.
+        ValueError: a bad option, or a data folder or weights file that is missing or outside the data root (the
+            message says which); nothing is recorded or submitted.
     """
     from core import experiment
 
     if kind == "finetune":
         if not isinstance(spec, experiment.CheckedExperiment):  # a sweep passes its points checked already
-            spec = experiment.validate(spec)  # the worker does not check it again
+            spec = experiment.validate(spec, data_root)  # the worker does not check it again
         record = experiment.experiment_record(spec.experiment)
         device = spec.experiment.train.device
     elif kind == "intrinsic_dim":
-        record = experiment.measurement_record(spec)  # type: ignore[arg-type]
+        record = experiment.measurement_record(spec, data_root)  # type: ignore[arg-type]
         device = "auto"  # the measurement runs where its worker's model is: on its GPU when it has one
     else:
         raise ValueError(f"a job is a 'finetune' or an 'intrinsic_dim' measurement, not {kind!r}")

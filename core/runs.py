@@ -99,7 +99,7 @@ FINISHED_STATUSES = ("completed", "cancelled", "diverged", "failed", "interrupte
 # The schema (the one place it is written down)
 # ------------------------------------------------------------------------------------------------------------
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -166,6 +166,7 @@ RUN_COLUMNS: tuple[Column, ...] = (
     Column("sweep_id", "text", "the sweep it is a point of, if any", since=2),
     Column("result", "json", "a measurement's result (intrinsic dimension: settings, trials, d90 per group)", since=2),
     Column("cancel_requested_at", "text", "UTC ISO time a cancel was asked for a running job", system=True, since=2),
+    Column("skipped_files", "json", "folder dataset files left out: {'count': n, 'first': [[file, why]]}", since=3),
 )
 KINDS = ("finetune", "intrinsic_dim")
 

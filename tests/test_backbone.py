@@ -209,13 +209,15 @@ def test_local_file_round_trip(suffix: str, tiny_state_dict: dict[str, torch.Ten
         save_file(tiny_state_dict, path)
     else:
         torch.save(tiny_state_dict, path)
-    model, info = build_backbone(dataclasses.replace(TINY_SPEC, weights=str(path)))
+    model, info = build_backbone(dataclasses.replace(TINY_SPEC, weights=str(path)), data_root=tmp_path)
     assert (info.source, info.weights_path, info.new_head) == ("file", str(path), False)
     loaded = model.state_dict()
     assert loaded.keys() == tiny_state_dict.keys()
     assert all(torch.equal(loaded[k], v) for k, v in tiny_state_dict.items())
 
-    other_head, info = build_backbone(dataclasses.replace(TINY_SPEC, weights=str(path), num_classes=5))
+    other_head, info = build_backbone(
+        dataclasses.replace(TINY_SPEC, weights=str(path), num_classes=5), data_root=tmp_path
+    )
     assert info.new_head and other_head.head.weight.shape[0] == 5
     assert torch.equal(other_head.blocks[0].attn.qkv.weight, tiny_state_dict["blocks.0.attn.qkv.weight"])
 
@@ -266,7 +268,7 @@ def test_bad_weight_files_get_clear_errors(
     path = tmp_path / filename
     write(path, tiny_state_dict)
     with pytest.raises(WeightsFileError) as caught:
-        build_backbone(dataclasses.replace(TINY_SPEC, weights=str(path)))
+        build_backbone(dataclasses.replace(TINY_SPEC, weights=str(path)), data_root=tmp_path)
     for part in [str(path), *expected]:
         assert part in str(caught.value)
 
@@ -294,9 +296,7 @@ def test_bad_specs_fail_before_any_weights(spec: BackboneSpec, expected: str) ->
     assert expected in str(caught.value)
 
 
-@pytest.mark.parametrize(
-    "field", [{"img_size": 0}, {"num_classes": -1}, {"drop_path_rate": 1.0}, {"name": ""}]
-)
+@pytest.mark.parametrize("field", [{"img_size": 0}, {"num_classes": -1}, {"drop_path_rate": 1.0}, {"name": ""}])
 def test_spec_rejects_impossible_values(field: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         BackboneSpec(**field)  # type: ignore[arg-type]

@@ -20,6 +20,7 @@ from core.data import (
     FileImageDataset,
     ImageDataset,
     TensorImageDataset,
+    check_data,
     folders,
     image_to_array,
     list_datasets,
@@ -510,3 +511,30 @@ def test_vtab_missing_lists_and_bad_labels_are_named(vtab_folder: Path) -> None:
     (vtab_folder / "train800.txt").write_text("images/0.png 0\nimages/3.png 0\n")
     with pytest.raises(ValueError, match="fewer than two classes"):
         load_data(_vtab_spec(vtab_folder), data_root=root)
+
+
+def test_skipped_report_counts_every_file_and_names_the_first(image_folder: Path) -> None:
+    bundle = load_data(_folder_spec(image_folder), data_root=image_folder.parent)
+    report = bundle.skipped_report()
+    assert report["count"] == 3 and [path for path, _ in report["first"]] == [path for path, _ in bundle.skipped]
+    short = bundle.skipped_report(limit=1)
+    assert short == {"count": 3, "first": [list(bundle.skipped[0])]}
+    assert load_data(DataSpec(name="digits", **SMALL)).skipped_report() == {"count": 0, "first": []}
+
+
+def test_check_data_looks_at_the_folder_only(tmp_path: Path, vtab_folder: Path) -> None:
+    root = tmp_path
+    (root / "pets").mkdir()
+    (root / "a_file").write_text("x")
+    assert check_data(DataSpec(name="digits")) is None
+    assert check_data(_folder_spec(root / "pets"), data_root=root) == ((root / "pets").resolve(), root.resolve())
+    assert check_data(_folder_spec(Path("pets")), data_root=root)[0] == (root / "pets").resolve()  # relative
+    with pytest.raises(ValueError, match=r"not an existing folder \(nothing is there\)"):
+        check_data(_folder_spec(root / "nowhere"), data_root=root)
+    with pytest.raises(ValueError, match=r"not an existing folder \(a file\)"):
+        check_data(_folder_spec(root / "a_file"), data_root=root)
+    with pytest.raises(ValueError, match="outside the allowed data root"):
+        check_data(_folder_spec(Path("/")), data_root=root)
+    (vtab_folder / "val200.txt").unlink()
+    with pytest.raises(ValueError, match=r"missing val200\.txt"):
+        check_data(_vtab_spec(vtab_folder), data_root=root)

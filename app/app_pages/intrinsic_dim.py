@@ -93,7 +93,8 @@ if run_id is not None:
                 st.info(f"Measurement {run_id} on {run['dataset']['name']}: {len(trials)} trials done.")
             targets = dict(zip(full["group"], full["target"], strict=True))
             st.plotly_chart(charts.intrinsic_dim_curves(trials, targets), key="id.live")
-            if started_here and st.button("Cancel", key="id.cancel", disabled=run["cancel_requested_at"] is not None):
+            asked = run["cancel_requested_at"] is not None
+            if state.may_cancel(run, started_here) and st.button("Cancel", key="id.cancel", disabled=asked):
                 status = store.request_cancel(run_id)
                 st.toast("Cancelled." if status == "cancelled" else "Cancelling: it stops before its next step.")
         if live and not active:

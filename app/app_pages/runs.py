@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from app import charts, forms, state
+from app import charts, forms, state, uploads
 
 COLUMNS = [
     "id", "status", "label", "method", "dataset.name", "backbone.name", "trainable_params", "best_val_acc", "test_acc",
@@ -33,11 +33,12 @@ cells[3].metric("Trainable (no head)", f"{run['trainable_params']:,}" if run["tr
 cells[4].metric("Wall time", f"{run['wall_time_s']:.1f} s" if run["wall_time_s"] is not None else "-")
 if run["message"]:
     st.caption(run["message"])
+uploads.skipped_files(run)
 st.plotly_chart(charts.training_curves(store.metrics(run_id)), key="runs.curves")
 with st.expander("Everything recorded for this run"):
     st.json(run)
 
-if st.button("Delete this run", key="runs.delete"):
+if st.button("Delete this run", key="runs.delete", disabled=not state.owns(run)):
     st.session_state["runs.confirm"] = run_id
 if st.session_state.get("runs.confirm") == run_id:
     st.warning(f"Delete run {run_id}, its metric history and its adapter file? This cannot be undone.")

@@ -4,7 +4,7 @@ import dataclasses
 
 import streamlit as st
 
-from app import charts, forms, state
+from app import charts, forms, state, uploads
 from core import methods
 from core.backbone import BackboneSpec
 from core.data import DataSpec
@@ -27,6 +27,7 @@ if prefill:
     st.info(f"Targets `{prefill}` pre-filled from the intrinsic-dimension measurement (method {chosen}).")
 
 st.subheader("Data")
+uploads.upload_section("ft.data")  # before the data picker, which it sets to the dataset it unpacks
 data_values = forms.data_inputs("ft.data", DEFAULT_DATA)
 
 st.subheader("Backbone")
@@ -105,7 +106,8 @@ if run_id is not None:
         if len(metrics):
             st.plotly_chart(charts.training_curves(metrics), key="ft.curves")
         active = run["status"] in ("queued", "running")
-        if active and started_here:
+        uploads.skipped_files(run)
+        if active and state.may_cancel(run, started_here):
             asked = run["cancel_requested_at"] is not None
             if st.button("Cancel", key="ft.cancel", disabled=asked):
                 status = store.request_cancel(run_id)

@@ -30,7 +30,8 @@ was checked up front.
 
 Modules, in reading order: `spec` (the DataSpec), `splits`, `images` (decoding one file), `datasets` (the
 datasets, DataBundle, DataLoader), `builtin` (offline sets), `procedural` (generated tasks), `folders` (image
-and VTAB-1k folders). Every public name is re-exported here.
+and VTAB-1k folders), `uploads` (zip archives unpacked into the data root, within limits). Every public name is
+re-exported here.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from pathlib import Path
 
 from core.data.builtin import load_builtin
 from core.data.datasets import (
+    SKIPPED_RECORDED,
     DataBundle,
     FileImageDataset,
     ImageDataset,
@@ -47,7 +49,14 @@ from core.data.datasets import (
     make_loader,
     unnormalize,
 )
-from core.data.folders import IMAGE_EXTENSIONS, MATERIALISE_BYTES, VTAB_LISTS, load_from_disk, resolve_inside
+from core.data.folders import (
+    IMAGE_EXTENSIONS,
+    MATERIALISE_BYTES,
+    VTAB_LISTS,
+    check_data,
+    load_from_disk,
+    resolve_inside,
+)
 from core.data.images import image_to_array, load_image, resize
 from core.data.procedural import (
     CANVAS,
@@ -59,6 +68,7 @@ from core.data.procedural import (
 )
 from core.data.spec import BAD_FILE_POLICIES, NORMALIZATIONS, SPLITS, DataSpec, default_data_root, list_datasets
 from core.data.splits import stratified_split
+from core.data.uploads import Upload, UploadLimits, list_uploads, suggested_name, unpack_upload
 
 __all__ = [
     "BAD_FILE_POLICIES",
@@ -69,6 +79,7 @@ __all__ = [
     "MATERIALISE_BYTES",
     "NORMALIZATIONS",
     "ORIENTATION_BINS",
+    "SKIPPED_RECORDED",
     "SPLITS",
     "VTAB_LISTS",
     "DataBundle",
@@ -76,9 +87,13 @@ __all__ = [
     "FileImageDataset",
     "ImageDataset",
     "TensorImageDataset",
+    "Upload",
+    "UploadLimits",
+    "check_data",
     "default_data_root",
     "image_to_array",
     "list_datasets",
+    "list_uploads",
     "load_data",
     "load_image",
     "make_loader",
@@ -87,7 +102,9 @@ __all__ = [
     "resize",
     "resolve_inside",
     "stratified_split",
+    "suggested_name",
     "unnormalize",
+    "unpack_upload",
 ]
 
 

@@ -16,6 +16,9 @@ from torch.utils.data import DataLoader, Dataset
 from core.data.images import load_image
 from core.data.spec import NORMALIZATIONS, SPLITS, DataSpec
 
+SKIPPED_RECORDED = 20
+"""How many of a dataset's skipped files a run record names (all are counted)."""
+
 
 class ImageDataset(Dataset[tuple[Tensor, int]]):
     """Base of PETLab's datasets: ``labels`` (int64 array), normalisation and the optional mirror per item.
@@ -140,6 +143,11 @@ class DataBundle:
             },
             "skipped": [list(item) for item in self.skipped],
         }
+
+    def skipped_report(self, limit: int = SKIPPED_RECORDED) -> dict[str, Any]:
+        """What a run records of the files left out: ``{"count": n, "first": [[path, reason], ...]}``, the first
+        ``limit`` in the order they were found (class folders left out are items too, named ``class/``)."""
+        return {"count": len(self.skipped), "first": [list(item) for item in self.skipped[:limit]]}
 
 
 def unnormalize(images: Tensor, normalization: str) -> Tensor:

@@ -284,16 +284,16 @@ def _load_folder(spec: DataSpec, folder: Path, root: Path, progress: Callable[[i
     return _load_files(spec, folder, root, split_entries, classes, skipped, progress, drop_refused_classes=True)
 
 
+def _vtab_lists(spec: DataSpec) -> dict[str, str]:
+    """The list file of each split of a VTAB spec."""
+    train = "train800val200.txt" if spec.vtab_final else "train800.txt"
+    return {"train": train, "val": "val200.txt", "test": "test.txt"}
+
+
 def _load_vtab(spec: DataSpec, folder: Path, root: Path, progress: Callable[[int, int], None] | None) -> DataBundle:
-    """The splits of a VTAB-1k task folder; classes are 0 .. the largest label in any list, named by index."""
-    names = {"train": "train800val200.txt" if spec.vtab_final else "train800.txt", "val": "val200.txt"}
-    names["test"] = "test.txt"
-    missing = [name for name in names.values() if not (folder / name).is_file()]
-    if missing:
-        raise ValueError(
-            f"VTAB folder {folder} is missing {', '.join(missing)}; a VTAB-1k task folder holds "
-            f"{', '.join(VTAB_LISTS)} with lines 'relative/path/to/image.jpg label'"
-        )
+    """The splits of a VTAB-1k task folder (its lists checked by `check_data`); classes are 0 .. the largest label in
+    any list, named by index."""
+    names = _vtab_lists(spec)
     lists = {split: _read_list(folder / name) for split, name in names.items()}
     for split, entries in lists.items():
         if not entries:
@@ -310,14 +310,40 @@ def _load_vtab(spec: DataSpec, folder: Path, root: Path, progress: Callable[[int
     return _load_files(spec, folder, root, split_entries, classes, [], progress)
 
 
-def load_from_disk(
-    spec: DataSpec, data_root: Path | str | None, progress: Callable[[int, int], None] | None
-) -> DataBundle:
-    """The splits of a ``folder:`` or ``vtab:`` spec, whose path must resolve inside data_root."""
+def check_data(spec: DataSpec, data_root: Path | str | None = None) -> tuple[Path, Path] | None:
+    """(folder, resolved data root) of a ``folder:`` or ``vtab:`` spec; None for offline data.
+
+    Looks only at the folder itself (no listing, no image read), so callers check a spec with it before a run is
+    recorded: the path resolves inside the data root, is an existing folder, and a VTAB folder holds its lists.
+
+    Raises:
+        ValueError: What to fix: a path outside the root, missing or not a folder, or missing VTAB lists.
+    """
+    if spec.kind == "offline":
+        return None
     root = Path(data_root if data_root is not None else default_data_root()).expanduser().resolve()
     folder = resolve_inside(spec.path or "", root)
     if not folder.is_dir():
-        raise ValueError(f"{spec.path} ({folder}) is not an existing folder")
+        what = "a file" if folder.exists() else "nothing is there"
+        raise ValueError(f"{spec.path} ({folder}) is not an existing folder ({what}); give a folder inside {root}")
+    if spec.kind == "vtab":
+        missing = [name for name in _vtab_lists(spec).values() if not (folder / name).is_file()]
+        if missing:
+            raise ValueError(
+                f"VTAB folder {folder} is missing {', '.join(missing)}; a VTAB-1k task folder holds "
+                f"{', '.join(VTAB_LISTS)} with lines 'relative/path/to/image.jpg label'"
+            )
+    return folder, root
+
+
+def load_from_disk(
+    spec: DataSpec, data_root: Path | str | None, progress: Callable[[int, int], None] | None
+) -> DataBundle:
+    """The splits of a ``folder:`` or ``vtab:`` spec, whose path must resolve inside data_root (see `check_data`)."""
+    located = check_data(spec, data_root)
+    if located is None:
+        raise ValueError(f"{spec.name} is an offline dataset, not a folder")
+    folder, root = located
     if spec.kind == "folder":
         return _load_folder(spec, folder, root, progress)
     return _load_vtab(spec, folder, root, progress)

@@ -33,6 +33,7 @@ from core.experiment import Experiment, check_options, run_experiment, run_weigh
 from core.intrinsic_dim import (
     IntrinsicDimConfig,
     IntrinsicDimResult,
+    Trial,
     measure_intrinsic_dimension,
     representation_dimension,
     resolve_groups,
@@ -328,10 +329,8 @@ def start_intrinsic_dim(request: IntrinsicDimRequest, data_root: Path | None = N
         model, info = build_backbone(dataclasses.replace(spec, num_classes=data.num_classes))
         job.phase = "measuring"
 
-        def on_trial(group: str, d: int, accuracy: float) -> None:
-            first = all(t["group"] != group for t in job.trials)  # each group starts with its full baseline
-            kind, target = ("full", request.config.threshold * accuracy) if first else ("subspace", None)
-            job.trials.append({"group": group, "d": d, "accuracy": accuracy, "kind": kind, "target": target})
+        def on_trial(trial: Trial) -> None:
+            job.trials.append(dataclasses.asdict(trial))
 
         result = measure_intrinsic_dimension(
             model,

@@ -306,7 +306,7 @@ def _intrinsic_dim(ns: argparse.Namespace) -> int:
         data.val,
         groups,
         config,
-        on_trial=lambda g, d, acc: print(f"  {g:<16} d={d:<9} accuracy {acc:.3f}", flush=True),
+        on_trial=lambda trial: print(f"  {trial.group:<16} d={trial.d:<9} accuracy {trial.accuracy:.3f}", flush=True),
     )
     print(result.table().to_string(index=False))
     print(result.explanation)

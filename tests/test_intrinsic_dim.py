@@ -283,7 +283,7 @@ def test_cached_block_inputs_give_the_same_trials_as_images(shape: str) -> None:
 def test_measure_d90_and_recommendation_on_a_tiny_vit() -> None:
     model = tiny_vit()
     before = snapshot(model)
-    seen: list[tuple[str, int, float]] = []
+    seen: list[idim.Trial] = []
     config = idim.IntrinsicDimConfig(
         steps=25, batch_size=32, lr=0.3, full_lr=1e-3, d_min=4, d_max=256, max_trials=6, threshold=0.8, top_k=2
     )
@@ -293,13 +293,18 @@ def test_measure_d90_and_recommendation_on_a_tiny_vit() -> None:
         colour_task(96, 1),
         ["attn", "mlp:1"],
         config,
-        on_trial=lambda g, d, a: seen.append((g, d, a)),
+        on_trial=seen.append,
     )
     curves = result.curves
     assert list(curves.columns) == ["group", "d", "accuracy", "kind", "projection", "diverged"]
-    assert len(seen) == len(curves) and [s[1] for s in seen] == list(curves["d"])
+    assert [(t.group, t.d, t.accuracy, t.kind) for t in seen] == list(
+        curves[["group", "d", "accuracy", "kind"]].itertuples(index=False, name=None)
+    )
     assert set(curves["kind"]) <= {"full", "subspace"}
     for g in result.groups:
+        reported = [t for t in seen if t.group == g.group]  # the baseline first, then the subspace trials
+        assert reported[0].kind == "full" and reported[0].d == g.size and reported[0].projection == "identity"
+        assert all(t.kind == "subspace" for t in reported[1:]) and all(t.target == g.target for t in reported)
         rows = curves[curves["group"] == g.group]
         full = rows[rows["kind"] == "full"]
         assert len(full) == 1 and int(full["d"].iloc[0]) == g.size and g.full_accuracy == full["accuracy"].iloc[0]

@@ -46,7 +46,7 @@ from core.intrinsic_dim.projections import (
     make_projection,
 )
 from core.intrinsic_dim.proxy import REPRESENTATION_ID_LABEL, mle_dimension, representation_dimension, twonn_dimension
-from core.intrinsic_dim.search import D90Search, d_grid, search_d90
+from core.intrinsic_dim.search import D90Search, d_grid, pass_rates, search_d90
 from core.intrinsic_dim.subspace import Cancelled, TrialOutcome, accuracy_score, fresh_head, subspace_trial
 
 __all__ = [
@@ -77,6 +77,7 @@ __all__ = [
     "make_projection",
     "measure_intrinsic_dimension",
     "mle_dimension",
+    "pass_rates",
     "recommend_targets",
     "representation_dimension",
     "resolve_groups",

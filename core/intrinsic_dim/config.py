@@ -20,10 +20,12 @@ class IntrinsicDimConfig:
         cosine: decay the learning rates to 0 over the steps (cosine); otherwise constant. Decaying makes the
             end-of-trial accuracy less noisy, which matters when trials are compared against a threshold.
         seed: seeds the head, P, and the batch order (the same in every trial).
-        threshold: d90 is the smallest d whose accuracy reaches ``threshold`` x the full-training accuracy.
-        d_min: first d of the grid ``d_min * 2**i``.
+        threshold: d90 is the smallest d whose trials reach ``threshold`` x the full-training accuracy.
+        d_min: first d of the half-octave grid ``d_min * 2**(i/2)`` the search bisects.
         d_max: last d of the grid (capped at the group's size D, which is added to the grid when it is smaller).
-        max_trials: subspace trials per group (grid and bisection together; the baseline is not counted).
+        max_trials: subspace trials per group, re-runs included; the full baseline is one more training, so a
+            group costs at most ``max_trials + 1`` trainings. 11 lets the search over the default range survive one
+            bad trial and still resolve d90 to within a factor 2**(1/4).
         max_dense_elements: the largest D * d for which P is a dense matrix; Fastfood above it.
         cache_block_inputs: train from the cached input tokens of a group's first block (exact for a frozen model
             in eval mode and deterministic data: no random augmentation) instead of from images each step.
@@ -44,7 +46,7 @@ class IntrinsicDimConfig:
     threshold: float = 0.9
     d_min: int = 8
     d_max: int = 8192
-    max_trials: int = 16
+    max_trials: int = 11
     max_dense_elements: int = 2**24
     cache_block_inputs: bool = True
     cache_bytes: int = 2**30

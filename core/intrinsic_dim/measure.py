@@ -33,7 +33,6 @@ from core.intrinsic_dim.groups import (
     slot_sizes,
     union_targets,
 )
-from core.intrinsic_dim.projections import IdentityProjection, Projection, make_projection
 from core.intrinsic_dim.search import search_d90
 from core.intrinsic_dim.subspace import (
     Cancelled,
@@ -44,6 +43,7 @@ from core.intrinsic_dim.subspace import (
     fresh_head,
     frozen,
     train_and_score,
+    trial_projection,
 )
 from core.methods.base import inspect_vit
 
@@ -60,6 +60,7 @@ class Trial:
         target: the group's target accuracy, ``threshold`` x the full baseline's accuracy.
         projection: ``dense``, ``fastfood`` or ``identity`` (the full baseline).
         diverged: the loss became non-finite and training stopped early.
+        repeat: 0 for the first trial of this d, 1, 2, ... for the search's re-runs with other projections.
     """
 
     group: str
@@ -69,10 +70,11 @@ class Trial:
     target: float
     projection: str
     diverged: bool = False
+    repeat: int = 0
 
 
 OnTrial = Callable[[Trial], None]
-CURVE_COLUMNS = ["group", "d", "accuracy", "kind", "projection", "diverged"]
+CURVE_COLUMNS = ["group", "d", "accuracy", "kind", "projection", "diverged", "repeat"]
 
 
 @dataclass
@@ -84,9 +86,10 @@ class GroupResult:
         size: D, its number of weights.
         full_accuracy: validation accuracy of training all D weights and the head (None if not measured).
         target: ``threshold * full_accuracy``.
-        d90: the smallest d reaching the target, or None (see ``reason``).
+        d90: the smallest tried d whose random projections reach the target, decided on a monotone fit over all
+            the group's trials (`search_d90`), or None (see ``reason``).
         reason: why d90 is None, or a caveat about it; empty when there is none.
-        trials: subspace trials run.
+        trials: subspace trials run, re-runs included (the full baseline is one more training).
         head_reaches_target: the head alone (d = 0) already reaches ``target``, so d90 carries little information.
     """
 
@@ -105,8 +108,9 @@ class IntrinsicDimResult:
     """Everything a measurement found.
 
     Attributes:
-        curves: one row per trial: group, d, accuracy, kind (``subspace`` or ``full``; ``full`` rows have d = D),
-            projection (``dense``, ``fastfood``, ``identity``) and diverged.
+        curves: one row per trial, the fields of `Trial` but its target: group, d, accuracy, kind (``subspace`` or
+            ``full``; ``full`` rows have d = D), projection (``dense``, ``fastfood``, ``identity``), diverged and
+            repeat (a d the search ran again has one row per run).
         groups: per-group results, in the order measured.
         head_only_accuracy: the fresh head trained alone on the frozen model (d = 0): the floor every group starts
             from. When it already reaches a group's target, that group's d90 says little.
@@ -279,22 +283,15 @@ class GroupTrials:
                 counts[int(label)] = counts.get(int(label), 0) + 1
         return max(counts.values()) / sum(counts.values()) if counts else 0.0
 
-    def train(self, slots: Sequence[Slot], d: int | None) -> TrialOutcome:
-        """Train ``d`` random directions of the slots, all their weights (``d=None``), or the head alone (no
-        slots), always with a fresh head."""
+    def train(self, slots: Sequence[Slot], d: int | None, repeat: int = 0) -> TrialOutcome:
+        """Train ``d`` random directions of the slots (the ``repeat``-th projection of that d), all their weights
+        (``d=None``), or the head alone (no slots), always with the same fresh head."""
         config, device = self.config, self.inputs.device
         start = min((int(s.param.split(".")[1]) for s in slots), default=self.depth)  # slots are blocks.<i>....
         runner, train, val = self.inputs.get(start)
         reparam = Reparam(dict(runner.named_parameters()), slots, FromBlock.PREFIX)
-        projection: Projection | None = None
-        if slots and d is None:
-            projection = IdentityProjection(reparam.D, device)
-        elif slots and d is not None:
-            projection = make_projection(
-                reparam.D, d, config.seed, max_dense_elements=config.max_dense_elements, device=device
-            )
+        projection = trial_projection(reparam.D, d, config, device, repeat) if slots else None
         head = fresh_head(self.model, self.head_path, config.seed, FromBlock.PREFIX)
-        lr = config.full_lr if d is None else config.lr
         return train_and_score(
             runner,
             reparam,
@@ -303,7 +300,6 @@ class GroupTrials:
             train,
             val,
             config,
-            lr,
             F.cross_entropy,
             accuracy_score,
             self.should_stop,
@@ -316,15 +312,21 @@ class GroupTrials:
         target = self.config.threshold * outcome.accuracy
         return self._record(group, group.size, outcome, "full", target)
 
-    def subspace(self, group: GroupResult, slots: Sequence[Slot], d: int) -> Trial:
+    def subspace(self, group: GroupResult, slots: Sequence[Slot], d: int, repeat: int) -> Trial:
         """A trial of ``d`` random directions of the group's weights; ``group.target`` must be set."""
         assert group.target is not None
-        return self._record(group, d, self.train(slots, d), "subspace", group.target)
+        return self._record(group, d, self.train(slots, d, repeat), "subspace", group.target, repeat)
 
     def _record(
-        self, group: GroupResult, d: int, outcome: TrialOutcome, kind: Literal["full", "subspace"], target: float
+        self,
+        group: GroupResult,
+        d: int,
+        outcome: TrialOutcome,
+        kind: Literal["full", "subspace"],
+        target: float,
+        repeat: int = 0,
     ) -> Trial:
-        trial = Trial(group.group, d, outcome.accuracy, kind, target, outcome.projection, outcome.diverged)
+        trial = Trial(group.group, d, outcome.accuracy, kind, target, outcome.projection, outcome.diverged, repeat)
         self.done.append(trial)
         if self.on_trial is not None:
             self.on_trial(trial)
@@ -350,7 +352,7 @@ def _measure_group(
         )
         return
     search = search_d90(
-        lambda d: trials.subspace(result, slots, d).accuracy,
+        lambda d, repeat: trials.subspace(result, slots, d, repeat).accuracy,
         result.target,
         d_min=min(config.d_min, result.size),
         d_max=min(config.d_max, result.size),
@@ -381,7 +383,8 @@ def _explain(
     lines = [
         f"Local intrinsic dimension d90 (Li et al. 2018): the smallest d such that training only d random directions "
         f"of a group's weights (plus a fresh head) reaches {pct} of the validation accuracy of training all of the "
-        f"group's weights. A lower d90 means the group adapts with fewer degrees of freedom.",
+        f"group's weights, decided on a monotone fit over all of the group's trials so that one unlucky projection "
+        f"does not move it. A lower d90 means the group adapts with fewer degrees of freedom.",
         f"Head alone: {head_only:.3f}; majority-class rate: {majority:.3f}." if head_only is not None else "",
     ]
     for g in groups:

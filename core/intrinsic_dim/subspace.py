@@ -71,9 +71,12 @@ class Batches:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if self.shuffle and n else None
         if self.tensors is not None:
             x, y = self.tensors
-            for i in range(0, len(y), self.batch_size):
-                idx = order[i : i + self.batch_size] if order is not None else slice(i, i + self.batch_size)
-                yield x[idx], y[idx]
+            for start in range(0, len(y), self.batch_size):
+                if order is None:
+                    yield x[start : start + self.batch_size], y[start : start + self.batch_size]
+                else:  # index_select, not x[rows]: advanced indexing spins threads, slow on a busy machine
+                    rows = order[start : start + self.batch_size]
+                    yield x.index_select(0, rows), y.index_select(0, rows)
             return
         loader = self.data
         if not isinstance(loader, DataLoader):
@@ -125,7 +128,6 @@ def train_and_score(
     train: Batches,
     val: Batches,
     config: IntrinsicDimConfig,
-    lr: float,
     loss_fn: LossFn,
     score_fn: ScoreFn,
     should_stop: ShouldStop | None,
@@ -133,12 +135,15 @@ def train_and_score(
 ) -> TrialOutcome:
     """Train theta (the projection's d coordinates) and the head from their initial values, then validate.
 
+    theta learns at ``config.lr``, or at ``config.full_lr`` when the projection is the identity (all the weights).
+
     ``prefix`` is what ``runner``'s parameter names put before the model's (``"model."`` when the runner holds the
     model as a submodule); the returned weights are named as in the model.
     """
     device = projection.device if projection is not None else next(runner.parameters()).device
     theta = torch.zeros(projection.d if projection is not None else 0, device=device, requires_grad=True)
     head = {name: t.clone().requires_grad_(True) for name, t in head_init.items()}
+    lr = config.full_lr if isinstance(projection, IdentityProjection) else config.lr
     groups = [{"params": [theta], "lr": lr}] if projection is not None else []
     if head:
         groups.append({"params": list(head.values()), "lr": config.head_lr})
@@ -211,6 +216,17 @@ def fresh_head(model: nn.Module, path: str, seed: int, prefix: str = "") -> dict
     return out
 
 
+def trial_projection(
+    D: int, d: int | None, config: IntrinsicDimConfig, device: torch.device, repeat: int = 0
+) -> Projection:
+    """P of a trial: the identity when ``d`` is None (all D weights), else `make_projection` seeded by ``config.seed``
+    and ``repeat`` (a different P for each repeat of the same d)."""
+    if d is None:
+        return IdentityProjection(D, device)
+    seed = config.seed + 1_000_003 * repeat  # repeats of one seed never meet the first P of a nearby seed
+    return make_projection(D, d, seed, max_dense_elements=config.max_dense_elements, device=device)
+
+
 def subspace_trial(
     model: nn.Module,
     slots: Sequence[Slot],
@@ -219,6 +235,7 @@ def subspace_trial(
     val: LabelledData,
     config: IntrinsicDimConfig | None = None,
     *,
+    repeat: int = 0,
     head: str | None = None,
     loss_fn: LossFn = F.cross_entropy,
     score_fn: ScoreFn = accuracy_score,
@@ -227,10 +244,11 @@ def subspace_trial(
     """Train the slots of any module in a random d-dimensional subspace (``d=None``: all their weights), and score it.
 
     The generic core under `measure_intrinsic_dimension`, usable on any ``nn.Module`` whose forward takes the
-    inputs: ``theta = theta_0 + P theta_d`` with P from `make_projection` (seeded by ``config.seed``), Adam on
-    theta_d (``config.lr``; ``config.full_lr`` when ``d`` is None) for ``config.steps`` steps.
+    inputs: ``theta = theta_0 + P theta_d`` with P from `trial_projection`, Adam on theta_d (``config.lr``;
+    ``config.full_lr`` when ``d`` is None) for ``config.steps`` steps.
 
     Args:
+        repeat: which projection of this d (0, 1, ...): each repeat draws another P, with the same head and batches.
         head: module path of a classifier to re-initialise (`fresh_head`) and train beside the slots, or None.
         loss_fn: training loss of ``(outputs, labels)``.
         score_fn: per-sample validation score in [0, 1] (accuracy by default).
@@ -242,22 +260,15 @@ def subspace_trial(
     device = next(model.parameters()).device
     with frozen(model):
         reparam = Reparam(dict(model.named_parameters()), slots)
-        if d is None:
-            projection: Projection = IdentityProjection(reparam.D, device)
-        else:
-            projection = make_projection(
-                reparam.D, d, config.seed, max_dense_elements=config.max_dense_elements, device=device
-            )
         head_init = fresh_head(model, head, config.seed) if head is not None else {}
         return train_and_score(
             model,
             reparam,
-            projection,
+            trial_projection(reparam.D, d, config, device, repeat),
             head_init,
             Batches(train, config.batch_size, True, device),
             Batches(val, config.batch_size, False, device),
             config,
-            config.full_lr if d is None else config.lr,
             loss_fn,
             score_fn,
             should_stop,

@@ -29,6 +29,7 @@ from core.data import DataSpec, check_data, load_data
 from core.intrinsic_dim import (
     IntrinsicDimConfig,
     IntrinsicDimResult,
+    Trial,
     measure_intrinsic_dimension,
     representation_dimension,
     resolve_groups,
@@ -408,14 +409,11 @@ def run_intrinsic_dim(
         model.to("cuda" if torch.cuda.is_available() else "cpu")
         store.update_run(run_id, weights=info.to_dict(), result={"trials": trials, "phase": "measuring"})
 
-        def trial_done(group: str, d: int, accuracy: float) -> None:
-            first = all(t["group"] != group for t in trials)  # each group starts with its full baseline
-            kind, target = ("full", request.config.threshold * accuracy) if first else ("subspace", None)
-            trial = {"group": group, "d": d, "accuracy": accuracy, "kind": kind, "target": target}
-            trials.append(trial)
+        def trial_done(trial: Trial) -> None:
+            trials.append(dataclasses.asdict(trial))
             store.update_run(run_id, steps=len(trials), result={"trials": trials, "phase": "measuring"})
             if on_trial is not None:
-                on_trial(trial)
+                on_trial(trials[-1])
 
         started = time.perf_counter()
         result = measure_intrinsic_dimension(

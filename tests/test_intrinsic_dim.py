@@ -3,8 +3,10 @@ with a known intrinsic dimension, the ViT groups and d90 search, and TwoNN/MLE o
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -16,6 +18,8 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from core import intrinsic_dim as idim
+from core.intrinsic_dim.search import Evaluate
+from core.intrinsic_dim.subspace import trial_projection
 from core.methods import Targets
 from tests import conftest
 
@@ -150,35 +154,104 @@ def test_d90_of_a_known_k_dimensional_problem_is_k(k: int, seed: int) -> None:
     config = idim.IntrinsicDimConfig(steps=300, batch_size=128, lr=0.3, full_lr=0.05)
     slots = [idim.Slot("weight")]
 
-    def accuracy(d: int | None) -> float:
-        return idim.subspace_trial(model, slots, d, train, val, config, loss_fn=mse, score_fn=within_tolerance).accuracy
+    def accuracy(d: int | None, repeat: int = 0) -> float:
+        trial = idim.subspace_trial(
+            model, slots, d, train, val, config, repeat=repeat, loss_fn=mse, score_fn=within_tolerance
+        )
+        return trial.accuracy
 
     full = accuracy(None)
     assert full == 1.0
-    search = idim.search_d90(accuracy, 0.9 * full, d_min=1, d_max=32, max_trials=12)
+    search = idim.search_d90(accuracy, 0.9 * full, d_min=1, d_max=32, max_trials=config.max_trials)
     assert search.d90 is not None and k <= search.d90 <= k + 1, search
     assert all(acc < 0.5 for d, acc in search.trials if d < k)  # below k the target is out of reach by construction
     assert torch.equal(model.weight, before)
 
 
-def test_search_d90_walks_the_grid_then_bisects() -> None:
-    calls: list[int] = []
+DEFAULTS = idim.IntrinsicDimConfig()
 
-    def step(d: int) -> float:
-        calls.append(d)
-        return float(d >= 13)
 
-    found = idim.search_d90(step, 1.0, d_min=1, d_max=1024, max_trials=20)
-    assert found.d90 == 13 and found.reason == ""
-    assert calls == [1, 2, 4, 8, 16, 12, 14, 13]
-    assert idim.d_grid(8, 100) == [8, 16, 32, 64, 100]
+def search_with_defaults(evaluate: Evaluate, target: float = 1.0) -> idim.D90Search:
+    return idim.search_d90(evaluate, target, d_min=DEFAULTS.d_min, d_max=DEFAULTS.d_max, max_trials=DEFAULTS.max_trials)
 
-    short = idim.search_d90(lambda d: float(d >= 13), 1.0, d_min=1, d_max=1024, max_trials=6)
-    assert short.d90 == 16 and "budget" in short.reason  # an upper bound when the budget stops the bisection
-    never = idim.search_d90(lambda d: 0.1, 1.0, d_min=1, d_max=8, max_trials=20)
-    assert never.d90 is None and "no d up to 8" in never.reason and len(never.trials) == 4
-    first = idim.search_d90(lambda d: 1.0, 0.5, d_min=4, d_max=8, max_trials=20)
+
+def with_one_bad_trial(evaluate: Evaluate, bad: int, corrupt: Callable[[float], float]) -> Evaluate:
+    """``evaluate``, except that its call number ``bad`` (from 0) returns ``corrupt(accuracy)``."""
+    calls = itertools.count()
+    return lambda d, repeat: corrupt(evaluate(d, repeat)) if next(calls) == bad else evaluate(d, repeat)
+
+
+def flip(accuracy: float) -> float:
+    """A 0/1 accuracy turned over: a pass reported as a fail, or a fail as a pass."""
+    return 1.0 - accuracy
+
+
+def test_d_grid_is_half_octaves_and_pass_rates_a_monotone_fit() -> None:
+    assert idim.d_grid(8, 100) == [8, 11, 16, 23, 32, 45, 64, 91, 100]
+    assert idim.d_grid(1, 8) == [1, 2, 3, 4, 6, 8]
+    assert idim.d_grid(5, 5) == [5]
+    # Votes (accuracy >= 0.85): 8 passes; 16 fails, passes, fails; 32 passes. Non-decreasing fit: 8 and 16 pool.
+    trials = [(8, 0.9), (16, 0.1), (32, 0.95), (16, 0.9), (16, 0.8)]
+    assert idim.pass_rates(trials, 0.85) == pytest.approx({8: 0.5, 16: 0.5, 32: 1.0})
+    assert idim.pass_rates([], 0.85) == {}
+
+
+@pytest.mark.parametrize("true_d90", [8, 9, 10, 13, 100, 777, 5000, 8192])
+def test_search_d90_resolves_a_step_to_a_quarter_octave(true_d90: int) -> None:
+    search = search_with_defaults(lambda d, repeat: float(d >= true_d90))
+    assert search.d90 is not None and true_d90 <= search.d90 <= 2**0.25 * true_d90, search
+    assert search.reason == ("" if true_d90 > DEFAULTS.d_min else "reached at the smallest d tried (d_min=8): d90 <= 8")
+    assert len(search.trials) <= DEFAULTS.max_trials
+
+
+@pytest.mark.parametrize("true_d90", [8, 10, 23, 100, 1000, 3000, 8192])
+def test_search_d90_survives_one_bad_trial_anywhere(true_d90: int) -> None:
+    """Whichever trial lies, pass for fail or fail for pass, d90 stays within 1.5x, in at most max_trials trials."""
+    assert DEFAULTS.max_trials <= 11  # with the full baseline, at most 12 trainings per group
+    for bad in range(DEFAULTS.max_trials):
+        search = search_with_defaults(with_one_bad_trial(lambda d, repeat: float(d >= true_d90), bad, flip))
+        assert search.d90 is not None and true_d90 / 1.5 <= search.d90 <= 1.5 * true_d90, (bad, search)
+        assert len(search.trials) <= DEFAULTS.max_trials
+
+
+def test_search_d90_reports_what_limits_it() -> None:
+    never = idim.search_d90(lambda d, repeat: 0.1, 1.0, d_min=1, d_max=8, max_trials=20)
+    assert never.d90 is None and "no d up to 8" in never.reason
+    assert [d for d, _ in never.trials].count(8) == 2  # d_max failed twice: once is not enough to give up
+    first = idim.search_d90(lambda d, repeat: 1.0, 0.5, d_min=4, d_max=8, max_trials=20)
     assert first.d90 == 4 and "smallest d tried" in first.reason
+    short = idim.search_d90(lambda d, repeat: float(d >= 13), 1.0, d_min=1, d_max=1024, max_trials=3)
+    assert short.d90 is not None and short.d90 >= 13 and "budget" in short.reason  # an upper bound
+
+
+@pytest.fixture(scope="module")
+def planted_k10() -> tuple[int, Evaluate, float]:
+    """The known-k problem with k = 10 (D = 64): its accuracy per (d, repeat), computed once per pair."""
+    k = 10
+    model, train, val = known_k_problem(k, D=64)
+    config = idim.IntrinsicDimConfig(steps=300, batch_size=128, lr=0.3, full_lr=0.05)
+    slots = [idim.Slot("weight")]
+
+    @functools.cache
+    def accuracy(d: int | None, repeat: int = 0) -> float:
+        trial = idim.subspace_trial(
+            model, slots, d, train, val, config, repeat=repeat, loss_fn=mse, score_fn=within_tolerance
+        )
+        return trial.accuracy
+
+    return k, accuracy, DEFAULTS.threshold * accuracy(None)
+
+
+@pytest.mark.parametrize("bad", [None, *range(DEFAULTS.max_trials)])
+def test_planted_d90_survives_an_artificially_bad_trial(
+    planted_k10: tuple[int, Evaluate, float], bad: int | None
+) -> None:
+    """Real subspace trainings with the default search settings; trial ``bad`` scores 0 whatever its d."""
+    k, accuracy, target = planted_k10
+    evaluate = accuracy if bad is None else with_one_bad_trial(accuracy, bad, lambda accuracy: 0.0)
+    search = idim.search_d90(evaluate, target, d_min=DEFAULTS.d_min, d_max=64, max_trials=DEFAULTS.max_trials)
+    assert search.d90 is not None and k / 1.5 <= search.d90 <= 1.5 * k, search
+    assert len(search.trials) <= DEFAULTS.max_trials
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -283,7 +356,7 @@ def test_cached_block_inputs_give_the_same_trials_as_images(shape: str) -> None:
 def test_measure_d90_and_recommendation_on_a_tiny_vit() -> None:
     model = tiny_vit()
     before = snapshot(model)
-    seen: list[tuple[str, int, float]] = []
+    seen: list[idim.Trial] = []
     config = idim.IntrinsicDimConfig(
         steps=25, batch_size=32, lr=0.3, full_lr=1e-3, d_min=4, d_max=256, max_trials=6, threshold=0.8, top_k=2
     )
@@ -293,28 +366,30 @@ def test_measure_d90_and_recommendation_on_a_tiny_vit() -> None:
         colour_task(96, 1),
         ["attn", "mlp:1"],
         config,
-        on_trial=lambda g, d, a: seen.append((g, d, a)),
+        on_trial=seen.append,
     )
     curves = result.curves
-    assert list(curves.columns) == ["group", "d", "accuracy", "kind", "projection", "diverged"]
-    assert len(seen) == len(curves) and [s[1] for s in seen] == list(curves["d"])
+    assert list(curves.columns) == ["group", "d", "accuracy", "kind", "projection", "diverged", "repeat"]
+    assert [(t.group, t.d, t.accuracy, t.kind, t.repeat) for t in seen] == list(
+        curves[["group", "d", "accuracy", "kind", "repeat"]].itertuples(index=False, name=None)
+    )
     assert set(curves["kind"]) <= {"full", "subspace"}
     for g in result.groups:
+        reported = [t for t in seen if t.group == g.group]  # the baseline first, then the subspace trials
+        assert reported[0].kind == "full" and reported[0].d == g.size and reported[0].projection == "identity"
+        assert all(t.kind == "subspace" for t in reported[1:]) and all(t.target == g.target for t in reported)
         rows = curves[curves["group"] == g.group]
         full = rows[rows["kind"] == "full"]
         assert len(full) == 1 and int(full["d"].iloc[0]) == g.size and g.full_accuracy == full["accuracy"].iloc[0]
         sub = rows[rows["kind"] == "subspace"]
         assert len(sub) == g.trials <= config.max_trials
-        ds = list(sub["d"])
-        grid = idim.d_grid(config.d_min, min(config.d_max, g.size))
-        walked = next((i for i, (a, b) in enumerate(zip(ds, grid, strict=False)) if a != b), min(len(ds), len(grid)))
-        assert walked >= 1 and ds[:walked] == grid[:walked]  # first the grid, upwards ...
-        if walked < len(ds):  # ... then integer bisection between the last failing and the first passing grid point
-            assert walked >= 2 and all(grid[walked - 2] < d < grid[walked - 1] for d in ds[walked:])
+        for _, runs in sub.groupby("d"):
+            assert list(runs["repeat"]) == list(range(len(runs)))  # each re-run of a d has its own projection
+        assert sub["d"].between(config.d_min, min(config.d_max, g.size)).all()
         if g.d90 is not None:
-            assert g.d90 in ds and g.target is not None
-            assert float(sub[sub["d"] == g.d90]["accuracy"].iloc[0]) >= g.target
-            assert (sub[sub["d"] < g.d90]["accuracy"] < g.target).all()  # every smaller d tried failed
+            assert g.target is not None
+            rates = idim.pass_rates(list(zip(sub["d"], sub["accuracy"], strict=True)), g.target)
+            assert g.d90 == min(d for d, rate in rates.items() if rate > 0.5)  # decided on the monotone fit
         else:
             assert g.reason
     assert result.head_only_accuracy is not None and 0.0 <= result.majority_rate <= 1.0
@@ -325,6 +400,25 @@ def test_measure_d90_and_recommendation_on_a_tiny_vit() -> None:
     assert "d90" in result.explanation and len(result.table()) == 2
     after = snapshot(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_group_costs_at_most_12_trainings_with_the_default_search() -> None:
+    """The default d range and trial budget; few steps, so that the trials are noisy and the search re-runs some."""
+    model = tiny_vit()
+    config = idim.IntrinsicDimConfig(steps=4, batch_size=32)
+    assert (config.d_min, config.d_max, config.max_trials) == (DEFAULTS.d_min, DEFAULTS.d_max, DEFAULTS.max_trials)
+    result = idim.measure_intrinsic_dimension(model, colour_task(64, 0), colour_task(64, 1), ["attn", "q:1"], config)
+    for g in result.groups:
+        trainings = result.curves[result.curves["group"] == g.group]
+        assert len(trainings) == g.trials + 1 <= 12 and (trainings["kind"] == "full").sum() == 1
+
+
+def test_each_repeat_of_a_d_draws_another_projection() -> None:
+    config = idim.IntrinsicDimConfig(max_dense_elements=0)  # Fastfood, whose seeds are derived per chunk
+    first, again = (trial_projection(5000, 7, config, torch.device("cpu"), repeat) for repeat in (0, 1))
+    assert torch.equal(first.matrix(), idim.make_projection(5000, 7, config.seed, max_dense_elements=0).matrix())
+    assert not torch.allclose(first.matrix(), again.matrix())
+    assert torch.equal(again.matrix(), trial_projection(5000, 7, config, torch.device("cpu"), 1).matrix())
 
 
 def test_cancellation_returns_partial_results() -> None:

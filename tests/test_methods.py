@@ -201,7 +201,7 @@ def test_trainable_counts_match_the_papers_on_vit_base(name: str, options: dict,
 
 
 def test_rlrr_official_init_scales_weights_by_about_seven_percent() -> None:
-    """Spec 2.5: each weight is multiplied by (1 + l_i c_j), std about 0.072 for in = 768."""
+    """The released RLRR code multiplies each weight by (1 + l_i c_j), std about 0.072 for in = 768."""
     with torch.device("meta"):
         model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=10)
     model = model.to_empty(device="cpu")

@@ -9,11 +9,14 @@ output side) shared by the whole model, and a small r x r core per slice:
 TT learns every S_slice directly (2dr + (4+2m)L r^2 parameters). TK builds them from a shared core C (r x r x r) and
 a slice matrix P (r x n_slices): M = C x_3 P^T, S_slice = M[:, :, j]^T (2dr + n_slices r + r^3).
 
-Faithful to the official code (PETLab decisions 2): V is zero-initialised, so the model equals the pretrained one at
-step 0; dropout (default 0.1) acts on the rank-r code just before V, as in the code (the paper is silent). For TK the
-default ``tk_layout="official"`` copies the code's fc1/fc2 reshape, which is not the per-slice Tucker form (spec 1.3):
-row j of fc1 block k reads core slice (k r + j) mod m. ``tk_layout="tucker"`` gives the textbook per-slice form
-(same parameter count). The training forward acts on the activations (x -> r -> r -> d), never on a d x d matrix.
+As the official code: V is zero-initialised, so the model equals the pretrained one at step 0; dropout (default 0.1)
+acts on the rank-r code just before V (the paper does not mention it). For TK the default ``tk_layout="official"``
+copies the code's fc1/fc2 reshape, which is not the per-slice Tucker form: row j of fc1 block k reads core slice
+(k r + j) mod m. ``tk_layout="tucker"`` gives the textbook per-slice form (same parameter count). The training
+forward acts on the activations (x -> r -> r -> d), never on a d x d matrix.
+
+Recipe difference: the official code trains with timm's stochastic depth at ``drop_path_rate=0.1``; PETLab's
+backbone default is 0 (``BackboneSpec(drop_path_rate=0.1)`` or ``--drop-path-rate 0.1`` matches it).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class FacTConfig(MethodConfig):
     Attributes:
         variant: ``tt`` (tensor-train) or ``tk`` (Tucker).
         rank: r, the rank of the shared factors (paper searches TT 1-16, TK 2-32).
-        scale: s, multiplies the update (paper sweeps 0.01-100; per-task values in the spec).
+        scale: s, multiplies the update (the paper sweeps 0.01-100 per task).
         dropout: on the rank-r code before V during training (official code: 0.1).
         targets: which matrices and blocks form the tensor (FacT uses all six of every block).
         tk_layout: ``official`` fc1/fc2 core layout of the released code, or ``tucker`` per-slice form (TK only).

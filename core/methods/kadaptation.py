@@ -1,6 +1,6 @@
 """KAdaptation (He et al., AAAI 2023, "Parameter-efficient Model Adaptation for Vision Transformers").
 
-The update of each adapted matrix is a sum of Kronecker products (PETLab decisions 4):
+The update of each adapted matrix is a sum of Kronecker products:
 
     dW = s * sum_{i=1..n} A_i kron B_i      (PyTorch layout, out x in)
 
@@ -8,15 +8,30 @@ A_i (n x n) are "slow" weights shared by all blocks (one set per matrix kind: on
 (a_i b_i^T); B_i = u_i v_i^T ((out/n) x (in/n), rank r) are "fast" weights of each block and matrix. A bias shift of
 width d per block is added to every adapted q/k/v slice of that block (as the official code adds one b to q and v);
 proj/fc1/fc2 targets get their own. Defaults n = 32 (or the largest divisor of the width not above 32), r = 1,
-s = 160, dropout 0.5 on dW: 50,176 trainable parameters on ViT-B/16.
+s = 160, dropout 0.5 on dW during training only: 50,176 trainable parameters on ViT-B/16 (40,960 Kronecker factors
+and 9,216 bias shifts).
 
-Where we differ from the official code (spec 3.4), on purpose: only v_i is zero-initialised (u_i is small random), so
-the Kronecker part trains (the code zeroes both, so its 50,176 "trainable" parameters never move); the update is added
-to W_q / W_v before attention scaling and head-correct, so it merges exactly; the v slice uses its own fast weights.
+Where PETLab differs from the official code (PEViT), on purpose:
+
+- Initialisation. The official code zeroes both fast factors u_i and v_i, so the gradients of u_i, v_i and A_i are
+  exactly zero and its 40,960 Kronecker parameters never move; it trains only the per-block bias b (9,216 on ViT-B)
+  and the head. PETLab zeroes only v_i (u_i ~ U(+-0.01)), so the Kronecker part trains.
+- Layout. The official code computes the update in the (tokens, batch, width) layout and reshapes it straight to
+  (batch x heads, tokens, head width) without a transpose, which mixes tokens and samples within a batch: with a
+  non-zero update one sample's logits change when only another sample changes (with the update stuck at zero, each
+  (token, head) receives a permuted chunk of b). PETLab adds the update to the qkv output before timm splits the
+  heads, so each sample's output depends on that sample alone and the update merges into the weights exactly.
+- Scaling. The official code adds q's update and bias after q is multiplied by the attention scale
+  1/sqrt(head width); PETLab adds them before it, as a change of W_q and b_q. Relative to the official model, with
+  64-wide heads (ViT-B, ViT-S), the shared bias therefore acts as b/8 on q and b on v, and q's Kronecker update is
+  8 times smaller for the same s. Because b is shared by q and v, no choice of PETLab's parameters reproduces the
+  official forward: it is a different model, not a reparametrisation of the official one.
+- Fast weights for v. The official code builds v's update from q's fast weights (its v fast weights are counted but
+  unused; the maintainers say this is intended); PETLab gives the v slice its own.
 
 Speed: without dropout the update acts on the activations, (A kron B) x = vec(A X B^T) with x folded to X (n x in/n),
 never building a d x d matrix. The paper's dropout on dW (DropConnect) cannot be applied on activations, so while
-training with dropout > 0 the update matrix is built each step (about the cost of that slice's frozen forward).
+training with dropout > 0 the update matrix is built each step.
 """
 
 from __future__ import annotations

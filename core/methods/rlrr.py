@@ -10,6 +10,10 @@ frozen weight, no weight-sized gradient. ``init="official"`` copies the released
 SSF scale ~ N(1, .02) and shift ~ N(0, .02)): the model is NOT the pretrained one at step 0, each weight is scaled by
 (1 + l_i c_j) with std about 0.07. ``init="identity"`` zeroes l (c stays random, so both receive gradients) and
 starts SSF at exactly 1 and 0.
+
+Recipe difference: the official code's per-task "drop_path" is element-wise ``nn.Dropout(p)`` on each residual
+branch (p rising linearly from 0 over the blocks), not stochastic depth. PETLab's ``drop_path_rate`` is timm's
+stochastic depth (whole samples dropped per branch), so that regularisation is not reproduced.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import copy
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -204,9 +205,10 @@ def main() -> None:
             timed.run()
     for timed, model in training:
         timed.peak_bytes = peak_step_bytes(timed, model, device)
-    for _ in range(args.rounds):
+    for round_index in range(args.rounds):
         for timed, _ in everything:
             timed_once(timed, device)
+        print(f"round {round_index + 1} of {args.rounds} done", file=sys.stderr, flush=True)
 
     print(
         f"{info.description}; {args.img_size} px ({info.num_tokens} tokens), batch {args.batch}, {device}, "

@@ -5,8 +5,9 @@ trainable tensor besides the head, so the backward runs through every block but 
 the same process: PEFT's LoRA (rank 8 on the fused qkv), full fine-tuning, and every registered method at its
 defaults (FacT in both variants). A step is forward, backward and an AdamW update on one fixed batch. The models
 are timed round by round (one step of each per round), so a machine's changing load hits all of them alike; each
-ratio is the median over the rounds of that round's ratio. Inference of merged models (eval forward, no grad) is
-timed in the same rounds against the pretrained model's.
+ratio is the median over the rounds of that round's ratio. On a machine shared with other work,
+``OMP_NUM_THREADS=1 ... --clock cpu`` times the process's CPU time, which counts the work and not the waiting.
+Inference of merged models (eval forward, no grad) is timed in the same rounds against the pretrained model's.
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over one step; on the CPU, the bytes resident before the
 step (weights, buffers, optimizer state) plus the peak of the step's own allocations as torch's profiler records
@@ -132,14 +133,14 @@ def peak_step_bytes(timed: Timed, model: nn.Module, device: torch.device) -> int
     return before + peak
 
 
-def timed_once(timed: Timed, device: torch.device) -> None:
+def timed_once(timed: Timed, device: torch.device, clock: Callable[[], float]) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    start = clock()
     timed.run()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    timed.times.append(time.perf_counter() - start)
+    timed.times.append(clock() - start)
 
 
 def median_ratio(a: Timed, b: Timed) -> float:
@@ -185,11 +186,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (CUDA runs under bf16 autocast)")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time, or this process's CPU time: with one thread on a busy CPU, CPU time counts the work done "
+        "and not the waiting",
+    )
     parser.add_argument("--methods", default=None, help="comma list of method names to include (default: all)")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.manual_seed(0)
     spec = BackboneSpec(name=args.model, weights=args.weights, img_size=args.img_size, num_classes=10)
     base, info = build_backbone(spec)
@@ -207,13 +216,13 @@ def main() -> None:
         timed.peak_bytes = peak_step_bytes(timed, model, device)
     for round_index in range(args.rounds):
         for timed, _ in everything:
-            timed_once(timed, device)
+            timed_once(timed, device, clock)
         print(f"round {round_index + 1} of {args.rounds} done", file=sys.stderr, flush=True)
 
     print(
         f"{info.description}; {args.img_size} px ({info.num_tokens} tokens), batch {args.batch}, {device}, "
-        f"{torch.get_num_threads()} threads; {args.rounds} interleaved rounds after {args.warmup} warm-up, "
-        "ratios are medians of per-round ratios"
+        f"{torch.get_num_threads()} threads, {args.clock} clock; {args.rounds} interleaved rounds after "
+        f"{args.warmup} warm-up, ratios are medians of per-round ratios"
     )
     by_name = {timed.name: timed for timed, _ in training}
     floor, lora, full = by_name[FLOOR], by_name[PEFT_LORA], by_name[FULL]

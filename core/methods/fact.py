@@ -29,9 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from core.methods.base import (
+    QKV_SLICES,
     AdapterState,
     Arch,
-    LowRankLinear,
+    LinearWrapper,
     MethodConfig,
     Shared,
     Targets,
@@ -93,7 +94,7 @@ class FacTFactors(Shared):
         return torch.einsum("abc,ck->abk", self.C, self.P[:, first : first + count])
 
 
-class FacTLinear(LowRankLinear):
+class FacTLinear(LinearWrapper):
     """FacT on one linear: the q/k/v slices of a fused qkv, proj, fc1 (m row blocks) or fc2 (m column blocks).
 
     ``cores()`` returns the r x r middle matrices in one convention for both variants: for attention slices a
@@ -107,6 +108,9 @@ class FacTLinear(LowRankLinear):
         kind = mats[0] if mats[0] in ("fc1", "fc2") else "attn"
         self.kind, self.m, self.first = kind, m, first_slice
         self.n = len(self.parts) if kind == "attn" else m
+        adapted = [i for i, name in enumerate(QKV_SLICES) if name in self.parts]
+        # Where the updates of some (not all) q/k/v slices go in the fused output; not saved with the model.
+        self.register_buffer("qkv_slices", torch.tensor(adapted, device=base.weight.device), persistent=False)
         r = shared.U.shape[0]
         if shared.variant == "tt":
             kw = {"device": base.weight.device, "dtype": base.weight.dtype}
@@ -129,17 +133,22 @@ class FacTLinear(LowRankLinear):
         flat = M.reshape(r, self.m * r)  # the code's reshape: flat[a, m*b + k] = M[a, b, k]
         return flat.T if self.kind == "fc1" else flat
 
-    def code(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        f, S = self.shared, self.cores()
-        sV = f.scale * f.V.T  # (r, d): the scale folded into the small factor, not the output
+    def forward(self, x: Tensor) -> Tensor:
+        f, cores = self.shared, self.cores()
+        r, d = f.U.shape
+        y = self.base(x)
+        out_rows = y.reshape(-1, y.shape[-1])  # (N, out)
+        scaled_V = f.scale * f.V.T  # (r, d): the scale folded into the small factor, not the output
         if self.kind == "fc2":
-            u = x @ torch.block_diag(*[f.U.T] * self.m)  # (..., m r): U on each d-chunk of the hidden vector
-            return f.dropout(u @ S.T), sV  # (..., r) -> d
-        u = x @ f.U.T  # (..., r)
-        if self.kind == "fc1":
-            return f.dropout(u @ S.T), torch.block_diag(*[sV] * self.m)  # (..., m r) -> m row blocks of d
-        z = f.dropout(u @ S.flatten(0, 1).T)  # (..., n r): S_n U x for every adapted slice at once
-        return z, self.expansion([sV] * self.n)
+            u = x.reshape(-1, d) @ f.U.T  # (N m, r): U on each d-chunk of the hidden vector
+            z = f.dropout(u.view(-1, self.m * r) @ cores.T)  # (N, r)
+            return torch.addmm(out_rows, z, scaled_V).view(y.shape)
+        u = x.reshape(-1, d) @ f.U.T  # (N, r)
+        z = f.dropout(u @ cores.reshape(-1, r).T)  # (N, n r): one r-code per fc1 row block or attention slice
+        if self.kind == "fc1" or self.n * d == y.shape[-1]:  # every d-wide output block is adapted
+            return torch.addmm(out_rows.view(-1, d), z.view(-1, r), scaled_V).view(y.shape)
+        delta = (z.view(-1, r) @ scaled_V).view(-1, self.n, d)  # (N, n, d) for the adapted q/k/v slices
+        return out_rows.view(-1, len(QKV_SLICES), d).index_add(1, self.qkv_slices, delta).view(y.shape)
 
     def delta_weight(self) -> Tensor:
         f, S = self.shared, self.cores()

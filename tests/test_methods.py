@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from core import methods
 from core.methods.base import AdapterModule, LinearWrapper, Wrapper
+from core.methods.rlrr import RescaledLinear
 from tests.conftest import tiny_vit
 
 # (method, options). Every registered method must appear (guard test below).
@@ -201,7 +202,7 @@ def test_trainable_counts_match_the_papers_on_vit_base(name: str, options: dict,
 
 
 def test_rlrr_official_init_scales_weights_by_about_seven_percent() -> None:
-    """Spec 2.5: each weight is multiplied by (1 + l_i c_j), std about 0.072 for in = 768."""
+    """The released RLRR code multiplies each weight by (1 + l_i c_j), std about 0.072 for in = 768."""
     with torch.device("meta"):
         model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=10)
     model = model.to_empty(device="cpu")
@@ -211,3 +212,32 @@ def test_rlrr_official_init_scales_weights_by_about_seven_percent() -> None:
     factor = torch.outer(wrapper.scale_line[0], wrapper.scale_col[0])
     assert 0.06 < factor.std().item() < 0.085
     assert factor.abs().max().item() <= 6 / 768**0.5 + 1e-6  # sqrt(6) * sqrt(6 / 768)
+
+
+@pytest.mark.parametrize("rows", [[(0, 4), (8, 12)], [(0, 4), (4, 8), (8, 12)]], ids=["q,v", "q,k,v"])
+def test_rlrr_written_out_backward_matches_autograd(rows: list[tuple[int, int]]) -> None:
+    """RLRR's backward, which takes grad l and grad c from the weight gradient, is the exact derivative."""
+    gen = torch.Generator().manual_seed(0)
+
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+    x, bias, line, col = leaf(2, 3, 5), leaf(12), leaf(len(rows), 4), leaf(len(rows), 5)
+    weight = torch.randn(12, 5, generator=gen, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda *a: RescaledLinear.apply(*a[:1], weight, *a[1:], rows), (x, bias, line, col))
+
+
+def test_kadaptation_dropconnect_forward_is_the_frozen_output_plus_the_dropped_update() -> None:
+    """Training with dropout folds the dropped update into each adapted slice's weight; same mask, same output."""
+    model = methods.apply(tiny_vit("vit"), "kadaptation", dropout=0.5).train()
+    _perturb(model)
+    wrapper = model.blocks[0].attn.qkv
+    x = torch.randn(2, 7, wrapper.base.in_features)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        fast = wrapper(x)
+        torch.manual_seed(3)
+        dropped = F.dropout(wrapper.delta_weight(), 0.5, training=True)
+        dense = wrapper.base(x) + F.linear(x, dropped, wrapper.delta_bias())
+    assert (dropped == 0).any() and not torch.equal(fast, wrapper.eval()(x))  # the mask matters
+    torch.testing.assert_close(fast, dense, rtol=1e-5, atol=1e-6)

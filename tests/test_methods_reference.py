@@ -1,4 +1,5 @@
-"""Known-answer tests: our LoRA against PEFT's, our FacT against the spec's per-slice formulas, the targets syntax."""
+"""Known-answer tests: our LoRA against PEFT's, our FacT against per-slice formulas written out by hand, the
+targets syntax."""
 
 from __future__ import annotations
 
@@ -38,8 +39,10 @@ def test_lora_matches_peft_on_whole_matrices() -> None:
 
 
 def _fact_reference_model(model: torch.nn.Module, base: torch.nn.Module, variant: str, layout: str) -> torch.nn.Module:
-    """The spec's per-slice formulas (sections 1.2 and 1.3), written out with explicit loops, folded into a copy
-    of the pretrained model. Slices are numbered per block q, k, v, o, fc1 x 4, fc2 x 4 (official order)."""
+    """FacT's per-slice updates as the official code forms them (TT: one r x r core per slice; TK: cores from
+    C x_3 P^T, with the code's fc1/fc2 reshape or the per-slice Tucker form), written out with explicit loops and
+    folded into a copy of the pretrained model. Slices are numbered per block q, k, v, o, fc1 x 4, fc2 x 4 (the
+    official order)."""
     f = model.petl.shared["fact"]
     U, V, s = f.U.detach(), f.V.detach(), f.scale  # U: r x d (FacTu.weight), V: d x r (FacTv.weight)
     r, d = U.shape
@@ -84,7 +87,7 @@ def _fact_reference_model(model: torch.nn.Module, base: torch.nn.Module, variant
 
 
 @pytest.mark.parametrize(("variant", "layout"), [("tt", "official"), ("tk", "official"), ("tk", "tucker")])
-def test_fact_forward_equals_the_spec_formulas(variant: str, layout: str) -> None:
+def test_fact_forward_equals_the_per_slice_formulas(variant: str, layout: str) -> None:
     base = tiny_vit("vit")
     model = methods.apply(copy.deepcopy(base), "fact", variant=variant, rank=3, scale=3.0, tk_layout=layout).eval()
     gen = torch.Generator().manual_seed(0)
@@ -101,7 +104,7 @@ def test_fact_forward_equals_the_spec_formulas(variant: str, layout: str) -> Non
 
 
 def test_tk_official_layout_differs_from_tucker() -> None:
-    """Spec 1.3 pitfall: the official fc1/fc2 reshape is not the per-slice Tucker form."""
+    """The official code's fc1/fc2 reshape of the TK cores is not the per-slice Tucker form."""
     base = tiny_vit("vit")
     outs = []
     for layout in ("official", "tucker"):

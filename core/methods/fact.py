@@ -9,11 +9,14 @@ output side) shared by the whole model, and a small r x r core per slice:
 TT learns every S_slice directly (2dr + (4+2m)L r^2 parameters). TK builds them from a shared core C (r x r x r) and
 a slice matrix P (r x n_slices): M = C x_3 P^T, S_slice = M[:, :, j]^T (2dr + n_slices r + r^3).
 
-Faithful to the official code (PETLab decisions 2): V is zero-initialised, so the model equals the pretrained one at
-step 0; dropout (default 0.1) acts on the rank-r code just before V, as in the code (the paper is silent). For TK the
-default ``tk_layout="official"`` copies the code's fc1/fc2 reshape, which is not the per-slice Tucker form (spec 1.3):
-row j of fc1 block k reads core slice (k r + j) mod m. ``tk_layout="tucker"`` gives the textbook per-slice form
-(same parameter count). The training forward acts on the activations (x -> r -> r -> d), never on a d x d matrix.
+As the official code: V is zero-initialised, so the model equals the pretrained one at step 0; dropout (default 0.1)
+acts on the rank-r code just before V (the paper does not mention it). For TK the default ``tk_layout="official"``
+copies the code's fc1/fc2 reshape, which is not the per-slice Tucker form: row j of fc1 block k reads core slice
+(k r + j) mod m. ``tk_layout="tucker"`` gives the textbook per-slice form (same parameter count). The training
+forward acts on the activations (x -> r -> r -> d), never on a d x d matrix.
+
+Recipe difference: the official code trains with timm's stochastic depth at ``drop_path_rate=0.1``; PETLab's
+backbone default is 0 (``BackboneSpec(drop_path_rate=0.1)`` or ``--drop-path-rate 0.1`` matches it).
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from core.methods.base import (
+    QKV_SLICES,
     AdapterState,
     Arch,
-    LowRankLinear,
+    LinearWrapper,
     MethodConfig,
     Shared,
     Targets,
@@ -45,7 +49,7 @@ class FacTConfig(MethodConfig):
     Attributes:
         variant: ``tt`` (tensor-train) or ``tk`` (Tucker).
         rank: r, the rank of the shared factors (paper searches TT 1-16, TK 2-32).
-        scale: s, multiplies the update (paper sweeps 0.01-100; per-task values in the spec).
+        scale: s, multiplies the update (the paper sweeps 0.01-100 per task).
         dropout: on the rank-r code before V during training (official code: 0.1).
         targets: which matrices and blocks form the tensor (FacT uses all six of every block).
         tk_layout: ``official`` fc1/fc2 core layout of the released code, or ``tucker`` per-slice form (TK only).
@@ -90,7 +94,7 @@ class FacTFactors(Shared):
         return torch.einsum("abc,ck->abk", self.C, self.P[:, first : first + count])
 
 
-class FacTLinear(LowRankLinear):
+class FacTLinear(LinearWrapper):
     """FacT on one linear: the q/k/v slices of a fused qkv, proj, fc1 (m row blocks) or fc2 (m column blocks).
 
     ``cores()`` returns the r x r middle matrices in one convention for both variants: for attention slices a
@@ -104,6 +108,9 @@ class FacTLinear(LowRankLinear):
         kind = mats[0] if mats[0] in ("fc1", "fc2") else "attn"
         self.kind, self.m, self.first = kind, m, first_slice
         self.n = len(self.parts) if kind == "attn" else m
+        adapted = [i for i, name in enumerate(QKV_SLICES) if name in self.parts]
+        # Where the updates of some (not all) q/k/v slices go in the fused output; not saved with the model.
+        self.register_buffer("qkv_slices", torch.tensor(adapted, device=base.weight.device), persistent=False)
         r = shared.U.shape[0]
         if shared.variant == "tt":
             kw = {"device": base.weight.device, "dtype": base.weight.dtype}
@@ -126,17 +133,22 @@ class FacTLinear(LowRankLinear):
         flat = M.reshape(r, self.m * r)  # the code's reshape: flat[a, m*b + k] = M[a, b, k]
         return flat.T if self.kind == "fc1" else flat
 
-    def code(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        f, S = self.shared, self.cores()
-        sV = f.scale * f.V.T  # (r, d): the scale folded into the small factor, not the output
+    def forward(self, x: Tensor) -> Tensor:
+        f, cores = self.shared, self.cores()
+        r, d = f.U.shape
+        y = self.base(x)
+        out_rows = y.reshape(-1, y.shape[-1])  # (N, out)
+        scaled_V = f.scale * f.V.T  # (r, d): the scale folded into the small factor, not the output
         if self.kind == "fc2":
-            u = x @ torch.block_diag(*[f.U.T] * self.m)  # (..., m r): U on each d-chunk of the hidden vector
-            return f.dropout(u @ S.T), sV  # (..., r) -> d
-        u = x @ f.U.T  # (..., r)
-        if self.kind == "fc1":
-            return f.dropout(u @ S.T), torch.block_diag(*[sV] * self.m)  # (..., m r) -> m row blocks of d
-        z = f.dropout(u @ S.flatten(0, 1).T)  # (..., n r): S_n U x for every adapted slice at once
-        return z, self.expansion([sV] * self.n)
+            u = x.reshape(-1, d) @ f.U.T  # (N m, r): U on each d-chunk of the hidden vector
+            z = f.dropout(u.view(-1, self.m * r) @ cores.T)  # (N, r)
+            return torch.addmm(out_rows, z, scaled_V).view(y.shape)
+        u = x.reshape(-1, d) @ f.U.T  # (N, r)
+        z = f.dropout(u @ cores.reshape(-1, r).T)  # (N, n r): one r-code per fc1 row block or attention slice
+        if self.kind == "fc1" or self.n * d == y.shape[-1]:  # every d-wide output block is adapted
+            return torch.addmm(out_rows.view(-1, d), z.view(-1, r), scaled_V).view(y.shape)
+        delta = (z.view(-1, r) @ scaled_V).view(-1, self.n, d)  # (N, n, d) for the adapted q/k/v slices
+        return out_rows.view(-1, len(QKV_SLICES), d).index_add(1, self.qkv_slices, delta).view(y.shape)
 
     def delta_weight(self) -> Tensor:
         f, S = self.shared, self.cores()

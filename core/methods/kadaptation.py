@@ -1,6 +1,6 @@
 """KAdaptation (He et al., AAAI 2023, "Parameter-efficient Model Adaptation for Vision Transformers").
 
-The update of each adapted matrix is a sum of Kronecker products (PETLab decisions 4):
+The update of each adapted matrix is a sum of Kronecker products:
 
     dW = s * sum_{i=1..n} A_i kron B_i      (PyTorch layout, out x in)
 
@@ -8,15 +8,33 @@ A_i (n x n) are "slow" weights shared by all blocks (one set per matrix kind: on
 (a_i b_i^T); B_i = u_i v_i^T ((out/n) x (in/n), rank r) are "fast" weights of each block and matrix. A bias shift of
 width d per block is added to every adapted q/k/v slice of that block (as the official code adds one b to q and v);
 proj/fc1/fc2 targets get their own. Defaults n = 32 (or the largest divisor of the width not above 32), r = 1,
-s = 160, dropout 0.5 on dW: 50,176 trainable parameters on ViT-B/16.
+s = 160, dropout 0.5 on dW during training only: 50,176 trainable parameters on ViT-B/16 (40,960 Kronecker factors
+and 9,216 bias shifts).
 
-Where we differ from the official code (spec 3.4), on purpose: only v_i is zero-initialised (u_i is small random), so
-the Kronecker part trains (the code zeroes both, so its 50,176 "trainable" parameters never move); the update is added
-to W_q / W_v before attention scaling and head-correct, so it merges exactly; the v slice uses its own fast weights.
+Where PETLab differs from the official code (PEViT), on purpose:
 
-Speed: without dropout the update acts on the activations, (A kron B) x = vec(A X B^T) with x folded to X (n x in/n),
-never building a d x d matrix. The paper's dropout on dW (DropConnect) cannot be applied on activations, so while
-training with dropout > 0 the update matrix is built each step (about the cost of that slice's frozen forward).
+- Initialisation. The official code zeroes both fast factors u_i and v_i, so the gradients of u_i, v_i and A_i are
+  exactly zero and its 40,960 Kronecker parameters never move; it trains only the per-block bias b (9,216 on ViT-B)
+  and the head. PETLab zeroes only v_i (u_i ~ U(+-0.01)), so the Kronecker part trains.
+- Layout. The official code computes the update in the (tokens, batch, width) layout and reshapes it straight to
+  (batch x heads, tokens, head width) without a transpose, which mixes tokens and samples within a batch: with a
+  non-zero update one sample's logits change when only another sample changes (with the update stuck at zero, each
+  (token, head) receives a permuted chunk of b). PETLab adds the update to the qkv output before timm splits the
+  heads, so each sample's output depends on that sample alone and the update merges into the weights exactly.
+- Scaling. The official code adds q's update and bias after q is multiplied by the attention scale
+  1/sqrt(head width); PETLab adds them before it, as a change of W_q and b_q. Relative to the official model, with
+  64-wide heads (ViT-B, ViT-S), the shared bias therefore acts as b/8 on q and b on v, and q's Kronecker update is
+  8 times smaller for the same s. Because b is shared by q and v, no choice of PETLab's parameters reproduces the
+  official forward: it is a different model, not a reparametrisation of the official one.
+- Fast weights for v. The official code builds v's update from q's fast weights (its v fast weights are counted but
+  unused; the maintainers say this is intended); PETLab gives the v slice its own.
+
+Speed: each Kronecker term is itself low-rank, A_t kron u_t v_t^T = (a_t kron u_t)(b_t kron v_t)^T with
+A_t = a_t b_t^T, so dW = s P Q with P (out x n r) and Q (n r x in) built from the small factors. Without dropout the
+update acts on the activations through P and Q (a rank-n r path, like LoRA's), never building a d x d matrix. The
+paper's dropout on dW (DropConnect) needs the whole update and its whole gradient, so while training with dropout
+> 0 the dropped update is added to the frozen weight of each adapted slice and used in that slice's one product:
+the cost above the frozen backbone is the weight gradient of the adapted slices, as full fine-tuning of them.
 """
 
 from __future__ import annotations
@@ -29,6 +47,7 @@ from torch import Tensor, nn
 
 from core.methods.base import (
     MATRICES,
+    QKV_SLICES,
     AdapterState,
     Arch,
     LinearWrapper,
@@ -82,17 +101,14 @@ class KAdaptationConfig(MethodConfig):
 
 
 class SlowWeights(Shared):
-    """The shared rank-1 A_i = a_i b_i^T, one set per adapted matrix kind (q, v, ...), U(+-0.01) as the code."""
+    """The shared rank-1 A_t = a_t b_t^T (``left[kind][t]`` outer ``right[kind][t]``), one set per adapted matrix kind
+    (q, v, ...), U(+-0.01) as the code."""
 
     def __init__(self, kinds: tuple[str, ...], n: int, ref: Tensor) -> None:
         super().__init__()
         kw = {"device": ref.device, "dtype": ref.dtype}
         self.left = nn.ParameterDict({k: nn.Parameter(torch.empty(n, n, **kw).uniform_(-0.01, 0.01)) for k in kinds})
         self.right = nn.ParameterDict({k: nn.Parameter(torch.empty(n, n, **kw).uniform_(-0.01, 0.01)) for k in kinds})
-
-    def A(self, kind: str) -> Tensor:
-        """(n, n, n): A_i = left[i] outer right[i]."""
-        return self.left[kind][:, :, None] * self.right[kind][:, None, :]
 
 
 class KronLinear(LinearWrapper):
@@ -103,37 +119,68 @@ class KronLinear(LinearWrapper):
     ) -> None:
         super().__init__(base, mats)
         share(self, slow)
-        self.n, self.s, self.p = n, config.scale, config.dropout
+        self.n, self.scale, self.dropout = n, config.scale, config.dropout
         out = next(iter(self.parts.values()))
-        self.dout, self.din = (out[1] - out[0]) // n, base.in_features // n
+        self.fast_out, self.fast_in = (out[1] - out[0]) // n, base.in_features // n  # the shape of each B_t
         kw = {"device": base.weight.device, "dtype": base.weight.dtype}
         parts, r = len(self.parts), config.rank
-        self.fast_u = nn.Parameter(torch.empty(parts, n, self.dout, r, **kw).uniform_(-0.01, 0.01))
-        self.fast_v = nn.Parameter(torch.zeros(parts, n, r, self.din, **kw))  # zero: dW = 0 at step 0
+        self.fast_u = nn.Parameter(torch.empty(parts, n, self.fast_out, r, **kw).uniform_(-0.01, 0.01))
+        self.fast_v = nn.Parameter(torch.zeros(parts, n, r, self.fast_in, **kw))  # zero: dW = 0 at step 0
         self.bias_shift = nn.Parameter(torch.zeros(out[1] - out[0], **kw))  # one per block, shared by q/k/v
+        adapted = [i for i, name in enumerate(QKV_SLICES) if name in self.parts]
+        # Where the updates of the adapted q/k/v slices go in the fused output; not saved with the model.
+        self.register_buffer("qkv_slices", torch.tensor(adapted, device=base.weight.device), persistent=False)
 
-    def _slice_delta(self, i: int, m: str) -> Tensor:
-        A = self.shared.A(m)  # (n, n, n)
-        B = self.fast_u[i] @ self.fast_v[i]  # (n, out/n, in/n)
-        # kron(A_t, B_t)[(a, b), (p, q)] = A_t[a, p] B_t[b, q]
-        return self.s * torch.einsum("tap,tbq->abpq", A, B).reshape(self.n * self.dout, self.n * self.din)
+    def low_rank_factors(self) -> tuple[Tensor, Tensor]:
+        """(P, Q) with dW_i = s P_i Q_i for adapted part i: P (parts, out_i, n r), Q (parts, n r, in).
 
-    def update(self, x: Tensor, y: Tensor) -> Tensor:
-        if self.training and self.p > 0:
-            dw = self.delta_weight()
-            return F.linear(x, F.dropout(dw, self.p, training=True), self.delta_bias())
-        X = x.unflatten(-1, (self.n, self.din))  # (..., n, in/n)
-        parts = {}
-        for i, m in enumerate(self.parts):
-            A = self.shared.A(m)
-            t = torch.einsum("...pq,trq->...tpr", X, self.fast_v[i])  # X v_t^T      (..., n_t, n, r)
-            t = torch.einsum("tap,...tpr->...tar", A, t)  # A_t X v_t^T                  (..., n_t, n, r)
-            yk = torch.einsum("...tar,tbr->...ab", t, self.fast_u[i])  # sum_t A_t X B_t^T  (..., n, out/n)
-            parts[m] = self.s * yk.flatten(-2) + self.bias_shift
-        return self.place(parts)
+        kron(A_t, u_t v_t^T)[(a, b), (p, q)] = left[t, a] right[t, p] sum_k u_t[b, k] v_t[k, q], so
+        P[(a, b), (t, k)] = left[t, a] u_t[b, k] and Q[(t, k), (p, q)] = right[t, p] v_t[k, q].
+        """
+        left = torch.stack([self.shared.left[m] for m in self.parts])  # (parts, n_t, n)
+        right = torch.stack([self.shared.right[m] for m in self.parts])
+        parts, n, r = self.fast_u.shape[0], self.n, self.fast_u.shape[-1]
+        P = torch.einsum("ita,itbk->iabtk", left, self.fast_u).reshape(parts, n * self.fast_out, n * r)
+        Q = torch.einsum("itp,itkq->itkpq", right, self.fast_v).reshape(parts, n * r, n * self.fast_in)
+        return P, Q
+
+    def bias_with_shift(self) -> Tensor:
+        """The frozen bias plus the bias shift on the adapted rows."""
+        shift = self.delta_bias()
+        return shift if self.base.bias is None else self.base.bias + shift
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and self.dropout > 0:
+            return self.dropconnect_forward(x)
+        P, Q = self.low_rank_factors()
+        y = F.linear(x, self.base.weight, self.bias_with_shift())
+        out_rows = y.reshape(-1, y.shape[-1])
+        z = x.reshape(-1, x.shape[-1]) @ Q.flatten(0, 1).T  # (N, parts n r): Q_i x for every adapted part
+        expand = (self.scale * P).transpose(1, 2)  # (parts, n r, out_i)
+        if not self.fused:
+            return torch.addmm(out_rows, z, expand[0]).view(y.shape)
+        delta = torch.bmm(z.view(z.shape[0], len(self.parts), -1).transpose(0, 1), expand)  # (parts, N, d)
+        d = y.shape[-1] // len(QKV_SLICES)
+        return out_rows.view(-1, len(QKV_SLICES), d).index_add(1, self.qkv_slices, delta.transpose(0, 1)).view(y.shape)
+
+    def dropconnect_forward(self, x: Tensor) -> Tensor:
+        """Training with DropConnect: each adapted slice's product uses its frozen rows plus the dropped update."""
+        dropped = F.dropout(self.delta_weight(), self.dropout, training=True)
+        weight, bias = self.base.weight, self.bias_with_shift()
+        if not self.fused:
+            return F.linear(x, weight + dropped, bias)
+        d = weight.shape[0] // len(QKV_SLICES)
+        outputs = []
+        for i, name in enumerate(QKV_SLICES):
+            rows = slice(i * d, (i + 1) * d)
+            slice_weight = weight[rows] + dropped[rows] if name in self.parts else weight[rows]
+            outputs.append(F.linear(x, slice_weight, bias[rows]))
+        return torch.cat(outputs, dim=-1)
 
     def delta_weight(self) -> Tensor:
-        return self.place({m: self._slice_delta(i, m) for i, m in enumerate(self.parts)}, dim=0)
+        P, Q = self.low_rank_factors()
+        updates = self.scale * torch.bmm(P, Q)  # (parts, out_i, in)
+        return self.place({m: updates[i] for i, m in enumerate(self.parts)}, dim=0)
 
     def delta_bias(self) -> Tensor:
         return self.place({m: self.bias_shift for m in self.parts}, dim=0)

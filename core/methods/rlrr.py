@@ -5,11 +5,18 @@ proj/fc1/fc2: ``W' = W * (1 + l c^T)`` with l (out) and c (in), plus a bias shif
 scale/shift follows norm1, norm2, the final norm and the patch embedding. Per block 31d parameters; 376d = 288,768
 on ViT-B/16 (head excluded).
 
-The update ``dW = W * (l c^T)`` acts on the activations as ``l * ((x * c) @ W^T)``: one extra product with the
-frozen weight, no weight-sized gradient. ``init="official"`` copies the released code (kaiming-uniform l and c,
+The training forward builds the rescaled weight and makes one product with it, as full fine-tuning does; a custom
+autograd function takes the gradients of l and c from the weight-sized gradient (which the rescaling needs, as
+full fine-tuning does) and recomputes the rescaled weight in the backward instead of keeping it, so the step costs
+no more than full fine-tuning's and holds no extra weight-sized tensor between forward and backward.
+``init="official"`` copies the released code (kaiming-uniform l and c,
 SSF scale ~ N(1, .02) and shift ~ N(0, .02)): the model is NOT the pretrained one at step 0, each weight is scaled by
 (1 + l_i c_j) with std about 0.07. ``init="identity"`` zeroes l (c stays random, so both receive gradients) and
 starts SSF at exactly 1 and 0.
+
+Recipe difference: the official code's per-task "drop_path" is element-wise ``nn.Dropout(p)`` on each residual
+branch (p rising linearly from 0 over the blocks), not stochastic depth. PETLab's ``drop_path_rate`` is timm's
+stochastic depth (whole samples dropped per branch), so that regularisation is not reproduced.
 """
 
 from __future__ import annotations
@@ -53,6 +60,63 @@ class RLRRConfig(MethodConfig):
         self.targets.resolve(arch.depth)
 
 
+def rescaled_weight(weight: Tensor, scale_line: Tensor, scale_col: Tensor, rows: list[tuple[int, int]]) -> Tensor:
+    """``W * (1 + l_i c_i^T)`` on each row block ``rows[i]`` of ``weight``, the other rows unchanged (a new tensor)."""
+    if rows[0][0] == 0 and rows[-1][1] == weight.shape[0] and len(rows) * scale_line.shape[1] == weight.shape[0]:
+        factors = (scale_line[:, :, None] * scale_col[:, None, :]).view_as(weight)  # every row block: l_i c_i^T
+        return torch.addcmul(weight, weight, factors)
+    rescaled = weight.clone()
+    for i, (lo, hi) in enumerate(rows):
+        rescaled[lo:hi].addcmul_(weight[lo:hi], torch.outer(scale_line[i], scale_col[i]))
+    return rescaled
+
+
+class RescaledLinear(torch.autograd.Function):
+    """``y = x @ (W * (1 + l c^T))^T + b`` per row block, with the backward written out.
+
+    Autograd through ``rescaled_weight`` would keep the rescaled weight and the factor ``1 + l c^T`` for every layer
+    until the backward. Here the backward recomputes the rescaled weight, forms the weight gradient
+    ``G = grad_y^T x`` one row block at a time, and reduces ``G * W`` against c and l in place:
+    ``grad l_i = (G * W) c_i``, ``grad c_i = (G * W)^T l_i``. The frozen weight gets no gradient.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        scale_line: Tensor,
+        scale_col: Tensor,
+        rows: list[tuple[int, int]],
+    ) -> Tensor:
+        ctx.save_for_backward(x, weight, scale_line, scale_col)
+        ctx.rows = rows
+        return F.linear(x, rescaled_weight(weight, scale_line, scale_col, rows), bias)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, scale_line, scale_col = ctx.saved_tensors
+        grad_rows = grad_y.reshape(-1, grad_y.shape[-1])
+        x_rows = x.reshape(-1, x.shape[-1]).to(grad_rows.dtype)
+        grad_x = grad_bias = grad_line = grad_col = None
+        if ctx.needs_input_grad[0]:
+            rescaled = rescaled_weight(weight, scale_line, scale_col, ctx.rows).to(grad_rows.dtype)
+            grad_x = (grad_rows @ rescaled).view(x.shape)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_rows.sum(0)
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            grad_line, grad_col = torch.empty_like(scale_line), torch.empty_like(scale_col)
+            for i, (lo, hi) in enumerate(ctx.rows):
+                weighted = grad_rows[:, lo:hi].T @ x_rows  # G, (out_i, in)
+                weighted.mul_(weight[lo:hi])  # G * W
+                grad_line[i] = weighted @ scale_col[i].to(weighted.dtype)
+                grad_col[i] = scale_line[i].to(weighted.dtype) @ weighted
+        return grad_x, None, grad_bias, grad_line, grad_col, None
+
+
 class RLRRLinear(LinearWrapper):
     """``W' = W * (1 + l c^T)``, ``b' = b + f`` on a linear or on each adapted q/k/v slice (own l, c, f each)."""
 
@@ -70,20 +134,16 @@ class RLRRLinear(LinearWrapper):
         if init == "official":
             nn.init.uniform_(self.scale_line, -math.sqrt(6), math.sqrt(6))
 
-    def _rows(self) -> list[Tensor]:
-        return [self.base.weight[a:b] for a, b in self.parts.values()]
-
-    def update(self, x: Tensor, y: Tensor) -> Tensor:
-        parts = {
-            m: self.scale_line[i] * F.linear(x * self.scale_col[i], w) + self.shift_bias[i]
-            for i, (m, w) in enumerate(zip(self.parts, self._rows(), strict=True))
-        }
-        return self.place(parts)
+    def forward(self, x: Tensor) -> Tensor:
+        bias = self.delta_bias() if self.base.bias is None else self.base.bias + self.delta_bias()
+        rows = list(self.parts.values())
+        return RescaledLinear.apply(x, self.base.weight, bias, self.scale_line, self.scale_col, rows)
 
     def delta_weight(self) -> Tensor:
+        weight = self.base.weight
         parts = {
-            m: w * torch.outer(self.scale_line[i], self.scale_col[i])
-            for i, (m, w) in enumerate(zip(self.parts, self._rows(), strict=True))
+            m: weight[lo:hi] * torch.outer(self.scale_line[i], self.scale_col[i])
+            for i, (m, (lo, hi)) in enumerate(self.parts.items())
         }
         return self.place(parts, dim=0)
 

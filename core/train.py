@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -39,7 +40,8 @@ class TrainConfig:
         steps: optimiser steps in total (the schedule's length).
         batch_size: images per step.
         lr: peak learning rate (AdamW).
-        weight_decay: AdamW decay, applied to matrices only: biases, norms, scales and other 1-D tensors get none.
+        weight_decay: AdamW decay, applied to matrices only: biases, norms, scales and other 1-D tensors, position
+            embeddings and class tokens get none.
         warmup_steps: linear warm-up from 0 before the cosine decay.
         min_lr: floor of the cosine decay.
         label_smoothing: cross-entropy label smoothing.
@@ -153,12 +155,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on trainable matrices, none on biases and 1-D tensors (norms, scales, shifts)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW groups over the trainable parameters, by timm's rule (`timm.optim.param_groups_weight_decay`).
+
+    Decay applies to matrices only; biases and 1-D tensors (norms, scales, shifts) get none, and neither do the
+    tensors the model names in ``no_weight_decay()`` (a timm ViT: position embeddings and class / register tokens),
+    as in timm's and the papers' training recipes. Tensors a method adds (VPT's prompts, low-rank factors) decay
+    when they are matrices.
+    """
+    no_decay_names = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay_names)
 
 
 def lr_at(step: int, config: TrainConfig) -> float:

@@ -20,6 +20,7 @@ from core.data import DataSpec, load_data
 from core.experiment import Experiment, run_experiment
 from core.runs import RunStore
 from core.train import Callback, CancelToken, StepInfo, TrainConfig, lr_at, parameter_groups, train
+from tests.conftest import tiny_vit
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_DATA = DataSpec(name="digits", img_size=28, n_train=64, n_val=32, n_test=48)
@@ -146,16 +147,39 @@ def test_bad_options_fail_before_anything_is_recorded(store) -> None:
     assert store.list_runs().empty
 
 
-def test_schedule_and_weight_decay_groups() -> None:
+def test_schedule_warms_up_then_decays_to_min_lr() -> None:
     config = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr=0.1)
     assert lr_at(0, config) == pytest.approx(1 / 11)
     assert lr_at(10, config) == pytest.approx(1.0)
     assert lr_at(55, config) == pytest.approx(0.55)
     assert lr_at(100, config) == pytest.approx(0.1)
-    model = methods.apply(copy.deepcopy(build_backbone(BackboneSpec(weights="none", img_size=28))[0]), "ssf")
-    decay, no_decay = parameter_groups(model, 0.1)
-    assert all(p.ndim >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
-    assert {p.ndim for p in no_decay["params"]} == {1} and no_decay["weight_decay"] == 0.0
+
+
+def _group_names(model: torch.nn.Module, weight_decay: float) -> dict[float, set[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = parameter_groups(model, weight_decay)
+    assert len({g["weight_decay"] for g in groups}) == len(groups)  # one group per decay value
+    return {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in groups}
+
+
+def test_weight_decay_spares_biases_norms_position_embeddings_and_tokens(shape: str) -> None:
+    model = methods.apply(tiny_vit(shape), "full")
+    groups = _group_names(model, 0.1)
+    shapes = {n: p.ndim for n, p in model.named_parameters()}
+    spared = {n for n, ndim in shapes.items() if ndim == 1} | {"pos_embed", "cls_token"}
+    assert groups[0.0] == spared
+    assert groups[0.1] == set(shapes) - spared
+    assert "blocks.0.attn.qkv.weight" in groups[0.1] and "blocks.0.norm1.weight" in groups[0.0]
+
+
+def test_weight_decay_groups_hold_only_trainable_parameters_and_decay_method_matrices() -> None:
+    model = methods.apply(tiny_vit("vit"), "vpt")
+    groups = _group_names(model, 0.1)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert groups[0.0] | groups[0.1] == trainable and not groups[0.0] & groups[0.1]
+    assert groups[0.0] == {"head.bias"}
+    assert groups[0.1] == {"head.weight"} | {n for n in trainable if n.endswith("prompts")}
+    assert _group_names(model, 0.0) == {0.0: trainable}
 
 
 @pytest.mark.parametrize(

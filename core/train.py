@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import resource
 import sys
 import threading
 import time
@@ -28,6 +27,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from core.data import DataBundle, make_loader
+
+try:
+    import resource  # POSIX only
+except ImportError:  # Windows
+    resource = None  # type: ignore[assignment]
 
 Status = Literal["completed", "cancelled", "diverged"]
 
@@ -110,7 +114,7 @@ class TrainResult:
     test_loss: float | None
     wall_s: float
     steps_per_s: float
-    peak_memory_bytes: int
+    peak_memory_bytes: int | None
     device: str
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -229,12 +233,23 @@ def _feature_datasets(model: nn.Module, data: DataBundle, device: torch.device) 
     return out
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak GPU memory allocated on CUDA; the process's peak resident memory on the CPU."""
+def peak_memory_bytes(device: torch.device) -> int | None:
+    """Peak GPU memory allocated on CUDA; the process's peak resident memory on the CPU.
+
+    On the CPU this reads ``getrusage`` where the ``resource`` module exists (POSIX), else the peak working set
+    from psutil (Windows); None when neither is available.
+    """
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
+    if resource is not None:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB elsewhere
+        return int(rss if sys.platform == "darwin" else rss * 1024)
+    try:
+        import psutil
+    except ImportError:
+        return None
+    peak = getattr(psutil.Process().memory_info(), "peak_wset", None)  # psutil reports a peak on Windows only
+    return None if peak is None else int(peak)
 
 
 # ----------------------------------------------------------------------------------------------------------------

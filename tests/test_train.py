@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
 
 from core import methods
+from core import train as train_module
 from core.__main__ import main as cli
 from core.backbone import BackboneSpec, build_backbone
 from core.data import DataSpec, load_data
@@ -180,6 +183,34 @@ def test_weight_decay_groups_hold_only_trainable_parameters_and_decay_method_mat
     assert groups[0.0] == {"head.bias"}
     assert groups[0.1] == {"head.weight"} | {n for n in trainable if n.endswith("prompts")}
     assert _group_names(model, 0.0) == {0.0: trainable}
+
+
+def _train_module_without_resource(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """A fresh copy of core/train.py imported where ``import resource`` fails, as on Windows."""
+    monkeypatch.setitem(sys.modules, "resource", None)  # None in sys.modules makes the import raise ImportError
+    spec = importlib.util.spec_from_file_location("train_without_resource", train_module.__file__)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_psutil(**memory_info: int) -> SimpleNamespace:
+    """A psutil stand-in whose ``Process().memory_info()`` has the given fields."""
+    return SimpleNamespace(Process=lambda: SimpleNamespace(memory_info=lambda: SimpleNamespace(**memory_info)))
+
+
+def test_peak_memory_without_resource_falls_back_to_psutil_then_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = _train_module_without_resource(monkeypatch)
+    assert module.resource is None
+    cpu = torch.device("cpu")
+    monkeypatch.setitem(sys.modules, "psutil", _fake_psutil(rss=1_000, peak_wset=123_456_789))  # as on Windows
+    assert module.peak_memory_bytes(cpu) == 123_456_789
+    monkeypatch.setitem(sys.modules, "psutil", _fake_psutil(rss=1_000))  # psutil reports no peak elsewhere
+    assert module.peak_memory_bytes(cpu) is None
+    monkeypatch.setitem(sys.modules, "psutil", None)  # not installed
+    assert module.peak_memory_bytes(cpu) is None
+    assert train_module.peak_memory_bytes(cpu) > 0  # this machine's own route still works
 
 
 @pytest.mark.parametrize(

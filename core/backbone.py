@@ -302,6 +302,8 @@ def _info(
 # ------------------------------------------------------------------------------------------------ state dicts
 
 
+# Not timm's pretrained_cfg_overlay=dict(file=...): it keeps or drops the head by the registered num_classes, not
+# by the file, and then loads non-strictly, so missing backbone keys would pass silently.
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a plain state dict from .safetensors or (with ``weights_only=True``) from a torch pickle."""
     if not path.is_file():

@@ -180,8 +180,8 @@ class BackboneInfo:
 def build_backbone(spec: BackboneSpec) -> tuple[nn.Module, BackboneInfo]:
     """Build the timm ViT that `spec` names, with its weights.
 
-    Name, structure and size are checked on a weightless (meta-device) copy first, so a bad spec fails in well
-    under a second, before any weights are read or downloaded.
+    Name, structure and size are checked on a weightless (meta-device) copy first, so a bad spec fails at once,
+    before any weights are read or downloaded.
 
     Args:
         spec: What to build.
@@ -391,10 +391,10 @@ def _materialise(
 ) -> nn.Module:
     """Build the model around the checkpoint's tensors, skipping timm's random init where that is safe.
 
-    timm's random init is about 85% of the cost of building a ViT on a CPU (2 s for ViT-S on 2 cores), and
-    loading overwrites it. For timm's VisionTransformer the checkpoint tensors are assigned into the
-    weightless skeleton and only the new classifier heads are initialised, with the model's own init function.
-    Anything else (or a model with tensors the checkpoint lacks) takes the plain path: random init, then load.
+    timm's random init is most of the cost of building a ViT on a CPU, and loading overwrites it. For timm's
+    VisionTransformer the checkpoint tensors are assigned into the weightless skeleton and only the new classifier
+    heads are initialised, with the model's own init function. Anything else (or a model with tensors the
+    checkpoint lacks) takes the plain path: random init, then load.
     """
     if isinstance(skeleton, VisionTransformer):
         model = skeleton

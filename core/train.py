@@ -219,11 +219,11 @@ def only_head_trains(model: nn.Module) -> bool:
 def backbone_features(model: nn.Module, dataset: Dataset[Any], device: torch.device, batch_size: int = 64) -> Tensor:
     """Pre-logits features of the frozen backbone (what the classifier sees), in eval mode."""
     model.eval()
-    feats = []
+    features = []
     for x, _ in make_loader(dataset, batch_size):
         with _autocast(device):
-            feats.append(model.forward_head(model.forward_features(x.to(device)), pre_logits=True).float().cpu())
-    return torch.cat(feats)
+            features.append(model.forward_head(model.forward_features(x.to(device)), pre_logits=True).float().cpu())
+    return torch.cat(features)
 
 
 def _feature_datasets(model: nn.Module, data: DataBundle, device: torch.device) -> list[TensorDataset]:
@@ -331,9 +331,9 @@ def train(
         optimizer.step()
         step += 1
         now = time.perf_counter()
-        ips = (step - tick_step) * config.batch_size / max(now - tick, 1e-9)
-        info = StepInfo(step=step, total=config.steps, loss=loss.item(), lr=lr, images_per_s=ips)
-        history.append({"step": step, "split": "train", "loss": info.loss, "lr": lr, "images_per_s": ips})
+        images_per_s = (step - tick_step) * config.batch_size / max(now - tick, 1e-9)
+        info = StepInfo(step=step, total=config.steps, loss=loss.item(), lr=lr, images_per_s=images_per_s)
+        history.append({"step": step, "split": "train", "loss": info.loss, "lr": lr, "images_per_s": images_per_s})
         tick, tick_step = now, step
         for cb in callbacks:
             cb.on_step(info)

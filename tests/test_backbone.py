@@ -1,7 +1,6 @@
 """core.backbone: the offline default against ONNX Runtime, the cache, the hub paths, files and bad specs.
 
-The offline default is converted once per session into a temporary cache (about 2-5 s); everything else uses
-vit_tiny at 32 px, which builds in a fraction of a second.
+The offline default is converted once per session into a temporary cache; everything else uses vit_tiny at 32 px.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def convert_onnx_dinov2(model: onnx.ModelProto) -> dict[str, torch.Tensor]:
     weights = _projection_weights(graph, tensors)  # bias name -> weight [out, in]
     grid, cls_pos = _position_embedding(graph, tensors)
 
-    sd: dict[str, torch.Tensor] = {
+    state_dict: dict[str, torch.Tensor] = {
         "cls_token": take("backbone.embeddings.cls_token"),
         "pos_embed": torch.cat([cls_pos, grid], dim=1),  # (1, 1 + N, D)
         "patch_embed.proj.weight": take("backbone.embeddings.patch_embeddings.projection.weight"),
@@ -74,21 +74,22 @@ def convert_onnx_dinov2(model: onnx.ModelProto) -> dict[str, torch.Tensor]:
     }
     depth = 1 + max(int(m.group(1)) for name in tensors if (m := _LAYER_BIAS.match(name)))
     for i in range(depth):
-        src, dst = f"backbone.encoder.layer.{i}.", f"blocks.{i}."
-        for hf, tm in _LAYER_RENAMES.items():
-            if hf.startswith("norm"):
-                sd[f"{dst}{tm}.weight"] = take(f"{src}{hf}.weight")
+        hf_block, timm_block = f"backbone.encoder.layer.{i}.", f"blocks.{i}."
+        for hf_name, timm_name in _LAYER_RENAMES.items():
+            if hf_name.startswith("norm"):
+                state_dict[f"{timm_block}{timm_name}.weight"] = take(f"{hf_block}{hf_name}.weight")
             else:
-                sd[f"{dst}{tm}.weight"] = _weight_for(weights, f"{src}{hf}.bias")
-            sd[f"{dst}{tm}.bias"] = take(f"{src}{hf}.bias")
-        qkv = [f"{src}attention.attention.{part}.bias" for part in _QKV_ORDER]
-        sd[f"{dst}attn.qkv.weight"] = torch.cat([_weight_for(weights, b) for b in qkv], dim=0)  # (3D, D)
-        sd[f"{dst}attn.qkv.bias"] = torch.cat([take(b) for b in qkv], dim=0)  # (3D,)
-        for hf, tm in _LAYER_SCALES.items():
-            sd[f"{dst}{tm}"] = take(f"{src}{hf}")
-    sd["norm.weight"] = take("backbone.layernorm.weight")
-    sd["norm.bias"] = take("backbone.layernorm.bias")
-    return {k: v.contiguous() for k, v in sd.items()}
+                state_dict[f"{timm_block}{timm_name}.weight"] = _weight_for(weights, f"{hf_block}{hf_name}.bias")
+            state_dict[f"{timm_block}{timm_name}.bias"] = take(f"{hf_block}{hf_name}.bias")
+        qkv_biases = [f"{hf_block}attention.attention.{part}.bias" for part in _QKV_ORDER]
+        qkv_weights = [_weight_for(weights, bias) for bias in qkv_biases]
+        state_dict[f"{timm_block}attn.qkv.weight"] = torch.cat(qkv_weights, dim=0)  # (3D, D)
+        state_dict[f"{timm_block}attn.qkv.bias"] = torch.cat([take(bias) for bias in qkv_biases], dim=0)  # (3D,)
+        for hf_name, timm_name in _LAYER_SCALES.items():
+            state_dict[f"{timm_block}{timm_name}"] = take(f"{hf_block}{hf_name}")
+    state_dict["norm.weight"] = take("backbone.layernorm.weight")
+    state_dict["norm.bias"] = take("backbone.layernorm.bias")
+    return {k: v.contiguous() for k, v in state_dict.items()}
 
 
 def final_norm_output(model: onnx.ModelProto) -> str:
@@ -123,8 +124,8 @@ def _projection_weights(graph: onnx.GraphProto, tensors: dict[str, np.ndarray]) 
         biases = [name for name in node.input if _LAYER_BIAS.match(name)]
         products = [name for name in node.input if name in matmul_weight]
         if len(biases) == 1 and len(products) == 1:
-            w = np.array(tensors[matmul_weight[products[0]]], dtype=np.float32)  # [in, out]
-            out[biases[0]] = torch.from_numpy(w.T.copy())
+            weight_in_out = np.array(tensors[matmul_weight[products[0]]], dtype=np.float32)
+            out[biases[0]] = torch.from_numpy(weight_in_out.T.copy())
     return out
 
 
@@ -142,10 +143,10 @@ def _position_embedding(graph: onnx.GraphProto, tensors: dict[str, np.ndarray]) 
         if name in tensors and not name.startswith(ONNX_PREFIX)
     }
     three_d = {name: tensors[name] for name in anonymous if tensors[name].ndim == 3 and tensors[name].shape[0] == 1}
-    cls = [n for n, t in three_d.items() if t.shape[1] == 1]
-    grid = [n for n, t in three_d.items() if t.shape[1] > 1 and math.isqrt(t.shape[1]) ** 2 == t.shape[1]]
-    if len(cls) != 1 or len(grid) != 1:
+    cls_names = [n for n, t in three_d.items() if t.shape[1] == 1]
+    grid_names = [n for n, t in three_d.items() if t.shape[1] > 1 and math.isqrt(t.shape[1]) ** 2 == t.shape[1]]
+    if len(cls_names) != 1 or len(grid_names) != 1:
         found = {n: tuple(t.shape) for n, t in three_d.items()}
         raise OnnxLayoutError(f"expected one (1, 1, D) and one (1, N*N, D) position tensor, found {found}")
-    as_torch = [torch.from_numpy(np.array(tensors[n[0]], dtype=np.float32)) for n in (grid, cls)]
-    return as_torch[0], as_torch[1]
+    grid, cls = (torch.from_numpy(np.array(tensors[names[0]], dtype=np.float32)) for names in (grid_names, cls_names))
+    return grid, cls

@@ -185,8 +185,8 @@ class BackboneInfo:
 def build_backbone(spec: BackboneSpec, data_root: Path | str | None = None) -> tuple[nn.Module, BackboneInfo]:
     """Build the timm ViT that `spec` names, with its weights.
 
-    Name, structure and size are checked on a weightless (meta-device) copy first, so a bad spec fails in well
-    under a second, before any weights are read or downloaded.
+    Name, structure and size are checked on a weightless (meta-device) copy first, so a bad spec fails at once,
+    before any weights are read or downloaded.
 
     Args:
         spec: What to build.
@@ -337,6 +337,8 @@ def weights_file(weights: str | Path, data_root: Path | str | None = None) -> Pa
     return path
 
 
+# Not timm's pretrained_cfg_overlay=dict(file=...): it keeps or drops the head by the registered num_classes, not
+# by the file, and then loads non-strictly, so missing backbone keys would pass silently.
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a plain state dict from .safetensors or (with ``weights_only=True``) from a torch pickle."""
     if not path.is_file():
@@ -424,10 +426,10 @@ def _materialise(
 ) -> nn.Module:
     """Build the model around the checkpoint's tensors, skipping timm's random init where that is safe.
 
-    timm's random init is about 85% of the cost of building a ViT on a CPU (2 s for ViT-S on 2 cores), and
-    loading overwrites it. For timm's VisionTransformer the checkpoint tensors are assigned into the
-    weightless skeleton and only the new classifier heads are initialised, with the model's own init function.
-    Anything else (or a model with tensors the checkpoint lacks) takes the plain path: random init, then load.
+    timm's random init is most of the cost of building a ViT on a CPU, and loading overwrites it. For timm's
+    VisionTransformer the checkpoint tensors are assigned into the weightless skeleton and only the new classifier
+    heads are initialised, with the model's own init function. Anything else (or a model with tensors the
+    checkpoint lacks) takes the plain path: random init, then load.
     """
     if isinstance(skeleton, VisionTransformer):
         model = skeleton

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import resource
 import sys
 import threading
 import time
@@ -23,10 +22,16 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from core.data import DataBundle, make_loader
+
+try:
+    import resource  # POSIX only
+except ImportError:  # Windows
+    resource = None  # type: ignore[assignment]
 
 Status = Literal["completed", "cancelled", "diverged"]
 
@@ -39,7 +44,8 @@ class TrainConfig:
         steps: optimiser steps in total (the schedule's length).
         batch_size: images per step.
         lr: peak learning rate (AdamW).
-        weight_decay: AdamW decay, applied to matrices only: biases, norms, scales and other 1-D tensors get none.
+        weight_decay: AdamW decay, applied to matrices only: biases, norms, scales and other 1-D tensors, position
+            embeddings and class tokens get none.
         warmup_steps: linear warm-up from 0 before the cosine decay.
         min_lr: floor of the cosine decay.
         label_smoothing: cross-entropy label smoothing.
@@ -108,7 +114,7 @@ class TrainResult:
     test_loss: float | None
     wall_s: float
     steps_per_s: float
-    peak_memory_bytes: int
+    peak_memory_bytes: int | None
     device: str
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -153,12 +159,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on trainable matrices, none on biases and 1-D tensors (norms, scales, shifts)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW groups over the trainable parameters, by timm's rule (`timm.optim.param_groups_weight_decay`).
+
+    Decay applies to matrices only; biases and 1-D tensors (norms, scales, shifts) get none, and neither do the
+    tensors the model names in ``no_weight_decay()`` (a timm ViT: position embeddings and class / register tokens),
+    as in timm's and the papers' training recipes. Tensors a method adds (VPT's prompts, low-rank factors) decay
+    when they are matrices.
+    """
+    no_decay_names = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay_names)
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -210,11 +219,11 @@ def only_head_trains(model: nn.Module) -> bool:
 def backbone_features(model: nn.Module, dataset: Dataset[Any], device: torch.device, batch_size: int = 64) -> Tensor:
     """Pre-logits features of the frozen backbone (what the classifier sees), in eval mode."""
     model.eval()
-    feats = []
+    features = []
     for x, _ in make_loader(dataset, batch_size):
         with _autocast(device):
-            feats.append(model.forward_head(model.forward_features(x.to(device)), pre_logits=True).float().cpu())
-    return torch.cat(feats)
+            features.append(model.forward_head(model.forward_features(x.to(device)), pre_logits=True).float().cpu())
+    return torch.cat(features)
 
 
 def _feature_datasets(model: nn.Module, data: DataBundle, device: torch.device) -> list[TensorDataset]:
@@ -224,12 +233,23 @@ def _feature_datasets(model: nn.Module, data: DataBundle, device: torch.device) 
     return out
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak GPU memory allocated on CUDA; the process's peak resident memory on the CPU."""
+def peak_memory_bytes(device: torch.device) -> int | None:
+    """Peak GPU memory allocated on CUDA; the process's peak resident memory on the CPU.
+
+    On the CPU this reads ``getrusage`` where the ``resource`` module exists (POSIX), else the peak working set
+    from psutil (Windows); None when neither is available.
+    """
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
+    if resource is not None:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB elsewhere
+        return int(rss if sys.platform == "darwin" else rss * 1024)
+    try:
+        import psutil
+    except ImportError:
+        return None
+    peak = getattr(psutil.Process().memory_info(), "peak_wset", None)  # psutil reports a peak on Windows only
+    return None if peak is None else int(peak)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -311,9 +331,9 @@ def train(
         optimizer.step()
         step += 1
         now = time.perf_counter()
-        ips = (step - tick_step) * config.batch_size / max(now - tick, 1e-9)
-        info = StepInfo(step=step, total=config.steps, loss=loss.item(), lr=lr, images_per_s=ips)
-        history.append({"step": step, "split": "train", "loss": info.loss, "lr": lr, "images_per_s": ips})
+        images_per_s = (step - tick_step) * config.batch_size / max(now - tick, 1e-9)
+        info = StepInfo(step=step, total=config.steps, loss=loss.item(), lr=lr, images_per_s=images_per_s)
+        history.append({"step": step, "split": "train", "loss": info.loss, "lr": lr, "images_per_s": images_per_s})
         tick, tick_step = now, step
         for cb in callbacks:
             cb.on_step(info)

@@ -1,16 +1,25 @@
-"""Shared fixtures: tiny random timm ViTs of the two shapes PETLab must support."""
+"""Shared test settings and fixtures: one CPU thread per test process; tiny random timm ViTs of two shapes.
+
+The thread settings come before torch is imported, since OpenMP reads them when it starts. The tests' models are
+tiny, so one thread costs little on a quiet machine; on a busy one (other CPU-bound work beside the suite) the
+threads of one process wait for each other at every parallel operation, and spinning threads take CPU from the
+rest. Values already set in the environment win; subprocesses the tests start inherit them.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
 
-import pytest
-import timm
-import torch
-from torch import nn
+THREAD_SETTINGS = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}  # PASSIVE: idle threads sleep, never spin
+for name, value in THREAD_SETTINGS.items():
+    if not os.environ.get(name):
+        os.environ[name] = value
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+import pytest  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 TINY_SHAPES = {
     # A vit_tiny-like model: patch 8, class token, no LayerScale.

@@ -154,8 +154,7 @@ def test_merge_gives_same_logits_and_a_plain_model(shape: str, name: str, option
     assert not any(isinstance(m, AdapterModule | Wrapper) for m in merged.modules())
     assert not hasattr(merged, "petl")
     assert set(merged.state_dict()) == set(base.state_dict())
-    if name not in ("vpt", "adapter") and _rel(adapted, base(x)) > 1e-4:  # the update really was folded in
-        assert _rel(out, base(x)) > 1e-4
+    assert _rel(adapted, base(x)) > 1e-4  # the perturbed update changes the logits: matching them is not trivial
 
 
 @pytest.mark.parametrize(("name", "options"), CASES, ids=IDS)

@@ -672,6 +672,8 @@ def test_read_only_open_writes_nothing_and_refuses_writes(tmp_path: Path) -> Non
     with pytest.raises(StoreError, match="opened read-only"):
         reader.update_run(run_id, steps=3)
     _sql(tmp_path, "PRAGMA user_version = 1")
-    with pytest.raises(StoreError, match=f"needs an upgrade to version {R.SCHEMA_VERSION}, which a read-only open does not make"):
+    with pytest.raises(
+        StoreError, match=f"needs an upgrade to version {R.SCHEMA_VERSION}, which a read-only open does not make"
+    ):
         RunStore(tmp_path, read_only=True)
     assert _sql(tmp_path, "PRAGMA user_version") == [(1,)]

@@ -247,6 +247,7 @@ def run_experiment(
     try:
         bundle = load_data(experiment.data, data_root)
         store.update_run(run_id, skipped_files=bundle.skipped_report())
+        torch.manual_seed(experiment.train.seed)  # the new head and the method's factors: the same in every process
         model, info = build_backbone(experiment.backbone_spec(bundle.num_classes), data_root)
         methods.apply(model, experiment.method, **experiment.options)
         store.update_run(

@@ -71,3 +71,32 @@ def test_a_run_is_validated_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     with pytest.raises(ValueError, match="rank=0"):  # a plain experiment is checked first, before it is recorded
         run_experiment(Experiment(data=TINY.data, method="lora", options={"rank": 0}, train=TINY.train), store)
     assert calls == ["lora", "lora"] and len(store.list_runs()) == 1
+
+
+def test_a_run_is_the_same_in_every_process(tmp_path) -> None:
+    """The seed fixes the new head and the method's initial factors too, not only the training order: two
+    processes that draw different random numbers before the run still record the same run."""
+    import dataclasses
+
+    import torch
+
+    from core.backbone import BackboneSpec
+    from core.data import DataSpec
+    from core.experiment import Experiment, run_experiment
+    from core.runs import RunStore
+    from core.train import TrainConfig
+
+    experiment = Experiment(
+        data=DataSpec(name="digits", img_size=32, n_train=32, n_val=16, n_test=16),
+        backbone=BackboneSpec(name="test_vit", weights="none"),
+        method="lora",
+        options={"rank": 2},
+        train=dataclasses.replace(TrainConfig(), steps=3, batch_size=8, eval_every=3, warmup_steps=0),
+    )
+    store = RunStore(tmp_path)
+    results = []
+    for draw in (1, 1000):
+        torch.rand(draw)  # another process's random state
+        run_id = run_experiment(experiment, store)
+        results.append(store.metrics(run_id, split="train", name="loss")["value"].tolist())
+    assert results[0] == results[1]

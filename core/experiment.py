@@ -298,7 +298,10 @@ def load_run_model(store: RunStore, run_id: str) -> tuple[torch.nn.Module, torch
     spec = BackboneSpec(
         **{**run["backbone"], "num_classes": meta["arch"]["num_classes"], "img_size": run["dataset"]["img_size"]}
     )
-    pretrained, _ = build_backbone(spec)
+    # A weights file was checked to lie in the data root when the run was submitted (that root may have been
+    # widened with --data-root): the recorded run is trusted to read it again.
+    weights = Path(str(spec.weights)).expanduser()
+    pretrained, _ = build_backbone(spec, weights.parent if weights.is_file() else None)
     tuned = methods.load_adapter(copy.deepcopy(pretrained), path)
     return tuned.eval(), pretrained.eval()
 

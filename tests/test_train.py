@@ -260,7 +260,8 @@ def tiny_train_args(home: str, weights: Path, n_train: int) -> list[str]:
     backbone = ["--backbone", TINY_BACKBONE.name, "--weights", str(weights), "--img-size", str(TINY_BACKBONE.img_size)]
     sizes = ["--n-train", str(n_train), "--n-val", "16", "--n-test", "16"]
     schedule = ["--steps", "2", "--eval-every", "2", "--warmup-steps", "0"]
-    return ["--home", home, "train", "--quiet", "--dataset", "digits", *backbone, *sizes, *schedule]
+    where = ["--data-root", str(weights.parent)]  # a weights file must lie in the data root
+    return ["--home", home, "train", "--quiet", "--dataset", "digits", *backbone, *where, *sizes, *schedule]
 
 
 def test_cli_train_runs_and_params(tiny_weights: Path, tmp_path: Path, capsys) -> None:

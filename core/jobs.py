@@ -86,6 +86,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, persistent:
             ray.init(address=address, **quiet)
             _connection["cluster"] = True
         else:  # "local" starts a new Ray even if another one runs on this machine
+            os.environ.update(WORKER_ENV)  # its workers inherit it (this process trains nothing)
             ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
         return ray.get_runtime_context().gcs_address
 
@@ -150,8 +151,11 @@ def default_resources(device: str = "auto") -> Resources:
 class _Manager:
     """The run store's writer for Ray work (a Ray actor; see the module docstring)."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, cluster: bool) -> None:
         self.store = RunStore(root)
+        # The embedded Ray's workers inherit WORKER_ENV from this process (see `connect`) and start with it; a
+        # cluster's get it through a runtime environment (their own pool of workers, started on first use).
+        self.runtime_env = {"env_vars": WORKER_ENV} if cluster else None
         self.pending: dict[str, Any] = {}  # run id -> the ObjectRef of its Ray task
         self.lock = threading.Lock()
         threading.Thread(target=self._watch, name="petlab-job-watch", daemon=True).start()
@@ -168,7 +172,7 @@ class _Manager:
             num_cpus=resources.get("CPU", 1.0),
             num_gpus=resources.get("GPU", 0.0),
             max_retries=0,
-            runtime_env={"env_vars": WORKER_ENV},
+            runtime_env=self.runtime_env,
             name=f"petlab-{kind}-{run_id}",
         )
         with self.lock:
@@ -239,7 +243,7 @@ def manager(root: Path | str | None = None, address: str | None = None, persiste
     )
     if on_cluster():
         options["lifetime"] = "detached"  # jobs on a cluster outlive the app or command that started them
-    handle = ray.remote(_Manager).options(**options).remote(folder)
+    handle = ray.remote(_Manager).options(**options).remote(folder, on_cluster())
     ray.get(handle.ping.remote())
     _managers[folder] = handle  # an embedded Ray's manager lives while a handle does: keep one for the process
     return handle

@@ -5,11 +5,9 @@ the browser that started it only. Training is tiny: the offline backbone at 28 p
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from streamlit.testing.v1 import AppTest
 
 from core import sweeps
@@ -18,14 +16,6 @@ from core.runs import RunStore
 APP = "../app/streamlit_app.py"
 PAGE = "app_pages/sweeps.py"
 TINY = {"img_size": 28, "n_train": 32, "n_val": 16, "n_test": 16, "batch_size": 16}
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

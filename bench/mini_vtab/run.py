@@ -234,6 +234,29 @@ def write_results(rows: pd.DataFrame, out: Path) -> pd.DataFrame:
     return rows
 
 
+def markdown_table(path: Path) -> str:
+    """The README's table of a results file: mean test accuracy (and its spread over seeds) per task and method,
+    the mean over tasks, the trainable parameters without the head, and the seeds each cell averages."""
+    from core.pareto import load_mini_benchmark, mini_benchmark_results
+
+    per_task = mini_benchmark_results(load_mini_benchmark(path)[0])
+    if per_task.empty:
+        return "(no results yet)"
+    tasks = list(dict.fromkeys(per_task["task"]))
+    lines = ["| method | params | " + " | ".join(tasks) + " | mean |", "|---" * (len(tasks) + 3) + "|"]
+    for method, rows in per_task.groupby("method", sort=False):
+        cells = rows.set_index("task")
+        text = [
+            f"{cells.loc[t, 'accuracy']:.1f} ± {cells.loc[t, 'accuracy_std']:.1f} ({cells.loc[t, 'n_seeds']})"
+            if t in cells.index
+            else "-"
+            for t in tasks
+        ]
+        mean = f"{rows['accuracy'].mean():.1f}" if len(rows) == len(tasks) else "-"
+        lines.append(f"| {method} | {rows['params_M'].iloc[0] * 1e6:,.0f} | " + " | ".join(text) + f" | {mean} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", type=Path, default=DEFAULT_STORE, help="the run store folder (default %(default)s)")
@@ -243,7 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop-after", type=float, default=None, metavar="MINUTES", help="cancel after this long")
     parser.add_argument("--results-only", action="store_true", help="only write the results from the store")
     parser.add_argument("--out", type=Path, default=None, help="the results file (needed with other settings)")
+    parser.add_argument("--table", action="store_true", help="print the results file as a Markdown table, run none")
     ns = parser.parse_args(argv)
+    if ns.table:
+        print(markdown_table(ns.out or RESULTS))
+        return 0
     grid = read_toml(GRID)
     committed = ns.img_size in (None, grid["data"]["img_size"]) and ns.device == "auto"
     out = ns.out or (RESULTS if committed else None)

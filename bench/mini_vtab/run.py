@@ -6,8 +6,9 @@
    each method's rate with the best mean validation accuracy is written to ``lr_choice.json`` (with every score).
 2. The grid: `grid.toml` with those rates, seeds outermost (a stopped run has whole seeds done first).
 3. The results: one row per point of the grid with a result (``results.csv``) and what it covers
-   (``coverage.json``: the grid's points, which are missing, the command); both copied into ``core/assets`` as
-   ``mini_benchmark.csv`` / ``mini_benchmark.json``, which `core.pareto` reads as a reference benchmark.
+   (``results.json``: the command, the settings, the grid's points and the missing ones); both copied into
+   ``core/assets`` as ``mini_benchmark.csv`` / ``.json``, which `core.pareto` reads as a reference benchmark.
+   ``--table`` prints the results as the README's Markdown table.
 
 Resumable: each phase is a sweep found again by its name in the store, and submitting it again skips the points
 with a result (`core.sweeps.submit_sweep`). ``--stop-after`` cancels the sweep after so many minutes and still
@@ -65,10 +66,6 @@ def read_toml(path: Path) -> dict[str, Any]:
 def method_key(table: dict[str, Any]) -> str:
     """A grid method's key in lr_choice.json: its name, and its variant where it has one (``fact-tt``)."""
     return table["name"] + (f"-{table['variant']}" if "variant" in table else "")
-
-
-def grid_options(table: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in table.items() if k not in ("name", "train")}
 
 
 def display_name(method: str, options: dict[str, Any]) -> str:

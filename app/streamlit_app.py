@@ -14,6 +14,7 @@ pages = {
     "Train": [
         st.Page("app_pages/train.py", title="Fine-tune", icon=":material/model_training:"),
         st.Page("app_pages/runs.py", title="Runs", icon=":material/list:"),
+        st.Page("app_pages/sweeps.py", title="Sweeps", icon=":material/grid_view:"),
     ],
     "Analyse": [
         st.Page("app_pages/spectra.py", title="Spectra", icon=":material/insights:"),

@@ -4,8 +4,9 @@ Read in this order:
     1. ``pareto_front``: the non-dominated rows of any table, in either preference direction; ``fronts_by_kind``:
        one front each for your runs and the papers' points.
     2. ``ppt_score``: V-PETL Bench's accuracy-per-parameter score.
-    3. Reference results from the papers (``core/assets/reference_results.csv``, shipped as package data) and
-       their averaging conventions.
+    3. Reference results: the papers' (``core/assets/reference_results.csv``) and PETLab's own mini-benchmark,
+       measured on the offline tasks (``core/assets/mini_benchmark.csv``, written by ``bench/mini_vtab/run.py``),
+       both shipped as package data; their averaging conventions.
     4. ``combine_points``: user runs and reference points in one frame, for one plot.
 
 Parameter counts follow two conventions in the literature: FacT's table counts the backbone only, RLRR's counts
@@ -16,9 +17,10 @@ known, else the other one, with ``params_convention`` saying which. Accuracies a
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -27,6 +29,14 @@ REFERENCE_RESULTS = resources.files("core") / "assets" / "reference_results.csv"
 REFERENCE_COLUMNS = (
     "benchmark", "method", "task", "group", "accuracy", "params_M", "params_include_head", "backbone", "source",
 )  # fmt: skip
+MINI_BENCHMARK = resources.files("core") / "assets" / "mini_benchmark.csv"
+MINI_BENCHMARK_COVERAGE = resources.files("core") / "assets" / "mini_benchmark.json"
+MINI_BENCHMARK_NAME = "PETLab mini-benchmark (measured)"
+MINI_BENCHMARK_GROUPS = {
+    "digits": "natural", "mnist5k": "natural", "lfw-faces": "natural",
+    "count": "structured", "orientation": "structured", "location": "structured",
+}  # fmt: skip
+"""The mini-benchmark's tasks in VTAB-1k's groups: photographs and scans, and the procedural scenes."""
 POINT_COLUMNS = (
     "kind", "id", "label", "method", "accuracy", "params", "params_convention", "params_without_head",
     "params_with_head", "ppt", "backbone", "dataset", "source",
@@ -114,10 +124,14 @@ def ppt_score(
 # 3. Reference results
 # ----------------------------------------------------------------------------------------------------------------
 def load_reference_results(path: str | Path | None = None) -> pd.DataFrame:
-    """The published per-task numbers, one row per (benchmark, method, source, task); see the CSV's columns.
+    """The published per-task numbers, one row per (benchmark, method, source, task), and by default the measured
+    mini-benchmark's (`mini_benchmark_results`) after them; see the CSV's columns.
+
+    Rows may carry ``accuracy_std`` (over seeds), ``n_seeds`` and ``params_with_head_M`` (a second count, with
+    the head, beside ``params_M`` without it); NaN where a source does not give them.
 
     Args:
-        path: a CSV with ``REFERENCE_COLUMNS``; default the shipped ``REFERENCE_RESULTS``.
+        path: a CSV with ``REFERENCE_COLUMNS``; default the shipped ``REFERENCE_RESULTS`` and the mini-benchmark.
 
     Raises:
         ValueError: a column is missing.
@@ -125,6 +139,7 @@ def load_reference_results(path: str | Path | None = None) -> pd.DataFrame:
     if path is None:
         with REFERENCE_RESULTS.open("rb") as shipped:  # works inside a zip or a wheel too, unlike a file path
             frame = pd.read_csv(shipped)
+        frame = pd.concat([frame, mini_benchmark_results()], ignore_index=True)
     else:
         frame = pd.read_csv(path)
     missing = [c for c in REFERENCE_COLUMNS if c not in frame]
@@ -134,6 +149,54 @@ def load_reference_results(path: str | Path | None = None) -> pd.DataFrame:
     if head.dtype != bool:  # e.g. read from a file that spells booleans differently
         frame["params_include_head"] = head.astype(str).str.strip().str.lower().isin(["true", "1", "yes"])
     return frame
+
+
+def load_mini_benchmark(path: str | Path | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The mini-benchmark's measured rows (one per task, method, options and seed: ``bench/mini_vtab/README.md``
+    names the columns) and its coverage record (the command, the settings, the grid's point count, the points
+    still missing). Default: the shipped copy; ``path`` names a results CSV with its ``.json`` beside it."""
+    if path is None:
+        with MINI_BENCHMARK.open("rb") as rows, MINI_BENCHMARK_COVERAGE.open("rb") as info:
+            return pd.read_csv(rows, dtype={"options": str}), json.load(info)
+    path = Path(path)
+    return pd.read_csv(path, dtype={"options": str}), json.loads(path.with_suffix(".json").read_text())
+
+
+def mini_benchmark_results(rows: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The mini-benchmark per (task, method with its options), in the shape of the papers' results: test accuracy
+    averaged over seeds (``accuracy``, with ``accuracy_std``, the sample standard deviation over seeds, NaN for one
+    seed, and ``n_seeds``), both parameter counts. A diverged point has no test accuracy and counts in no mean.
+
+    Args:
+        rows: measured rows as `load_mini_benchmark` reads them (default the shipped ones).
+    """
+    rows = load_mini_benchmark()[0] if rows is None else rows
+    rows = rows[rows["test_acc"].notna()]
+    grouped = rows.groupby(["task", "name"], sort=False)
+    frame = grouped.agg(
+        accuracy=("test_acc", "mean"),
+        accuracy_std=("test_acc", "std"),
+        n_seeds=("seed", "nunique"),
+        params_without=("params_without_head", "first"),
+        params_with=("params_with_head", "first"),
+        img_size=("img_size", "first"),
+    ).reset_index()
+    return pd.DataFrame(
+        {
+            "benchmark": MINI_BENCHMARK_NAME,
+            "method": frame["name"],
+            "task": frame["task"],
+            "group": frame["task"].map(MINI_BENCHMARK_GROUPS),
+            "accuracy": frame["accuracy"],
+            "params_M": frame["params_without"] / 1e6,
+            "params_include_head": False,
+            "backbone": "DINOv2 ViT-S/14 (offline), " + frame["img_size"].astype("Int64").astype(str) + " px",
+            "source": "PETLab mini-benchmark",
+            "accuracy_std": frame["accuracy_std"],
+            "n_seeds": frame["n_seeds"],
+            "params_with_head_M": frame["params_with"] / 1e6,
+        }
+    )
 
 
 def _params_columns(
@@ -169,7 +232,9 @@ def reference_points(
     Returns:
         Columns label ("method [source]"), method (with its ``*`` for AugReg rows), accuracy, params and the
         ``params_*`` columns in absolute counts, ppt, backbone (" AugReg" appended for ``*`` rows whose label
-        lacks it), dataset (the benchmark), source, average, n_tasks. Methods in the order of the file.
+        lacks it), dataset (the benchmark), source, average, n_tasks, and accuracy_std: the mean over tasks of
+        each task's standard deviation over seeds (the mini-benchmark; NaN for the papers). Methods in the order
+        of the file.
 
     Raises:
         ValueError: unknown benchmark or average.
@@ -180,6 +245,7 @@ def reference_points(
     rows = results[results["benchmark"] == benchmark]
     if rows.empty:
         raise ValueError(f"no reference results for {benchmark!r}; have {', '.join(results['benchmark'].unique())}")
+    rows = rows.assign(**{c: rows.get(c, np.nan) for c in ("accuracy_std", "params_with_head_M")})
     keys = ["method", "source", "backbone"]
     grouped = rows.groupby(keys, sort=False)
     if average == "mean19":
@@ -187,20 +253,23 @@ def reference_points(
     else:
         acc = rows.groupby([*keys, "group"], sort=False)["accuracy"].mean().groupby(level=keys, sort=False).mean()
     info = grouped.agg(
-        params_M=("params_M", "first"), include_head=("params_include_head", "first"), n_tasks=("task", "nunique")
+        params_M=("params_M", "first"),
+        include_head=("params_include_head", "first"),
+        n_tasks=("task", "nunique"),
+        accuracy_std=("accuracy_std", "mean"),  # the mean over tasks of each task's spread over seeds
+        second_params_M=("params_with_head_M", "mean"),  # with the head: it differs by task (its class count)
     )
     points = info.join(acc.rename("accuracy")).reset_index()
     params = points["params_M"] * 1e6
-    points = _params_columns(
-        points, params.where(~points["include_head"]), params.where(points["include_head"]), prefer
-    )
+    with_head = params.where(points["include_head"]).fillna(points["second_params_M"] * 1e6)
+    points = _params_columns(points, params.where(~points["include_head"]), with_head, prefer)
     augreg = points["method"].str.contains("*", regex=False) & ~points["backbone"].str.contains("AugReg")
     points.loc[augreg, "backbone"] = points.loc[augreg, "backbone"] + " AugReg"
     points["label"] = points["method"] + " [" + points["source"] + "]"
     points["ppt"] = ppt_score(points["accuracy"], points["params"])
     points["dataset"] = benchmark
     points["average"] = average
-    columns = [c for c in POINT_COLUMNS if c not in ("kind", "id")] + ["average", "n_tasks"]
+    columns = [c for c in POINT_COLUMNS if c not in ("kind", "id")] + ["average", "n_tasks", "accuracy_std"]
     return points[columns]
 
 

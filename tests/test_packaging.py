@@ -11,6 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = "core/assets/reference_results.csv"
+MINI_BENCHMARK = ("core/assets/mini_benchmark.csv", "core/assets/mini_benchmark.json")
 
 
 def test_the_wheel_ships_the_reference_results_and_reads_them_installed(tmp_path: Path) -> None:
@@ -23,19 +24,20 @@ def test_the_wheel_ships_the_reference_results_and_reads_them_installed(tmp_path
     subprocess.run(build, cwd=source, check=True, capture_output=True, timeout=300)
     (wheel,) = (tmp_path / "dist").glob("petlab-*.whl")
     with zipfile.ZipFile(wheel) as archive:
-        assert SHIPPED in archive.namelist()
-        assert archive.read(SHIPPED) == (ROOT / SHIPPED).read_bytes()
+        for name in (SHIPPED, *MINI_BENCHMARK):
+            assert archive.read(name) == (ROOT / name).read_bytes()
         archive.extractall(tmp_path / "installed")
 
     # The installed copy, not this checkout, answers `import core`, and finds its reference results.
     script = (
         "import core, core.pareto as p; "
-        "print(core.__file__); print(len(p.load_reference_results()), p.reference_points('VTAB-1k')['n_tasks'].max())"
+        "print(core.__file__); print(len(p.load_reference_results()), p.reference_points('VTAB-1k')['n_tasks'].max(), "
+        "len(p.mini_benchmark_results()))"
     )
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "installed")}
     out = subprocess.run(
         [sys.executable, "-c", script], cwd=tmp_path, env=env, check=True, capture_output=True, text=True, timeout=120
     ).stdout.split("\n")
     assert out[0].startswith(str(tmp_path / "installed"))
-    rows, tasks = map(int, out[1].split())
-    assert rows == sum(1 for _ in (ROOT / SHIPPED).open()) - 1 and tasks == 19
+    rows, tasks, mini_rows = map(int, out[1].split())
+    assert rows == sum(1 for _ in (ROOT / SHIPPED).open()) - 1 + mini_rows and tasks == 19

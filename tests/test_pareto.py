@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from core.pareto import (
+    MINI_BENCHMARK,
+    MINI_BENCHMARK_NAME,
     POINT_COLUMNS,
+    REFERENCE_COLUMNS,
     combine_points,
     fronts_by_kind,
+    load_mini_benchmark,
     load_reference_results,
+    mini_benchmark_results,
     pareto_front,
     ppt_score,
     reference_points,
 )
+from core.sweeps import load_grid
 
 # ----------------------------------------------------------------------------------------------------------------
 # Pareto front
@@ -240,3 +249,86 @@ def test_each_kind_has_its_own_front() -> None:
     assert front.tolist() == [True, True, False, True, False]
     assert not pareto_front(points).iloc[:3].any()  # one front over both kinds would drop every run
     assert fronts_by_kind(combine_points(None, None)).empty
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The measured mini-benchmark (bench/mini_vtab)
+# ----------------------------------------------------------------------------------------------------------------
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "mini_vtab"
+
+
+def grid_points_of(path: Path) -> set[tuple[str, str, str, int]]:
+    """Every (task, method, options the grid sets, seed) of a grid file, expanded here by hand."""
+    spec = load_grid(path)
+    return {
+        (dataset["name"], grid.name, json.dumps(dict(zip(grid.options, values, strict=True)), sort_keys=True), seed)
+        for seed in spec.seeds
+        for dataset in spec.datasets
+        for grid in spec.methods
+        for values in itertools.product(*grid.options.values())
+    }
+
+
+def test_the_committed_mini_benchmark_covers_exactly_what_it_claims() -> None:
+    rows, info = load_mini_benchmark()
+    assert (BENCH / "results.csv").read_bytes() == MINI_BENCHMARK.read_bytes()  # the package ships the committed file
+    assert json.loads((BENCH / "results.json").read_text()) == info
+    assert info["benchmark"] == MINI_BENCHMARK_NAME and info["command"].startswith("python bench/mini_vtab/run.py")
+    expected = grid_points_of(BENCH / "grid.toml")
+    assert len(expected) == info["points"] == 6 * 13 * 3  # six tasks, ten methods (FacT at 2 x 2 ranks), 3 seeds
+    measured = list(zip(rows["task"], rows["method"], rows["options"], rows["seed"], strict=True))
+    missing = [(m["task"], m["method"], m["options"], m["seed"]) for m in info["missing"]]
+    assert len(set(measured)) == len(measured) and len(set(missing)) == len(missing)  # no point twice
+    assert set(measured).isdisjoint(missing) and set(measured) | set(missing) == expected
+    assert info["measured"] == len(measured) and info["complete"] == (not missing)
+    assert set(rows["status"]) <= {"completed", "diverged"}
+    assert rows.loc[rows["status"] == "completed", ["val_acc", "test_acc"]].notna().all().all()
+    assert ((rows["params_with_head"] > rows["params_without_head"]) & rows["wall_time_s"].gt(0)).all()
+    assert (rows.loc[rows["method"] == "linear", "params_without_head"] == 0).all()
+
+
+def test_the_committed_mini_benchmark_is_what_reference_points_returns() -> None:
+    rows, _ = load_mini_benchmark()
+    benchmarks = set(load_reference_results()["benchmark"])
+    assert {"VTAB-1k", "FGVC"} <= benchmarks
+    if rows["test_acc"].isna().all():  # nothing measured yet: the page does not offer it
+        assert MINI_BENCHMARK_NAME not in benchmarks
+        return
+    points = reference_points(MINI_BENCHMARK_NAME).set_index("method")
+    measured = rows[rows["test_acc"].notna()]
+    per_task = measured.groupby(["name", "task"])["test_acc"].agg(["mean", "std"])
+    assert set(points.index) == set(measured["name"])
+    for name, point in points.iterrows():
+        assert point["accuracy"] == pytest.approx(per_task.loc[name, "mean"].mean())
+        assert point["accuracy_std"] == pytest.approx(per_task.loc[name, "std"].mean(), nan_ok=True)
+        assert point["n_tasks"] == measured.loc[measured["name"] == name, "task"].nunique()
+        first = measured[measured["name"] == name].iloc[0]
+        assert point["params_without_head"] == first["params_without_head"]
+
+
+def test_mini_benchmark_averages_by_hand() -> None:
+    rows = pd.DataFrame(
+        {
+            "task": ["digits"] * 4 + ["count"] * 3 + ["location"],
+            "name": ["LoRA r=8 q,v", "LoRA r=8 q,v", "Linear probe", "Linear probe", "LoRA r=8 q,v", "LoRA r=8 q,v"]
+            + ["Linear probe", "LoRA r=8 q,v"],
+            "seed": [0, 1, 0, 1, 0, 1, 0, 0],
+            "test_acc": [90.0, 94.0, 80.0, np.nan, 50.0, 60.0, 30.0, 20.0],  # a diverged point: no test accuracy
+            "params_without_head": [100] * 2 + [0] * 2 + [100] * 2 + [0, 100],
+            "params_with_head": [3_950] * 2 + [3_850] * 2 + [2_410] * 2 + [2_310, 6_260],  # 10, 6 and 16 classes
+            "img_size": 56,
+        }
+    )
+    results = mini_benchmark_results(rows)
+    assert list(results.columns[: len(REFERENCE_COLUMNS)]) == list(REFERENCE_COLUMNS)
+    lora = reference_points(MINI_BENCHMARK_NAME, results=results).set_index("method").loc["LoRA r=8 q,v"]
+    assert lora["accuracy"] == pytest.approx((92 + 55 + 20) / 3)  # tasks weigh alike, whatever their seed count
+    assert lora["accuracy_std"] == pytest.approx((math.sqrt(8) + math.sqrt(50)) / 2)  # location's one seed: none
+    assert lora["params"] == 100 and lora["params_with_head"] == pytest.approx((3_950 + 2_410 + 6_260) / 3)
+    assert lora["n_tasks"] == 3 and lora["backbone"] == "DINOv2 ViT-S/14 (offline), 56 px"
+    grouped = reference_points(MINI_BENCHMARK_NAME, "groups", results=results).set_index("method")
+    assert grouped.loc["LoRA r=8 q,v", "accuracy"] == pytest.approx((92 + (55 + 20) / 2) / 2)  # natural, structured
+    with_head = reference_points(MINI_BENCHMARK_NAME, results=results, prefer="with").set_index("method")
+    probe = with_head.loc["Linear probe"]
+    assert probe["accuracy"] == pytest.approx((80 + 30) / 2) and math.isnan(probe["accuracy_std"])
+    assert probe["params"] == pytest.approx((3_850 + 2_310) / 2) and probe["params_convention"] == "with head"

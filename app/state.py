@@ -21,12 +21,21 @@ import streamlit as st
 
 from core import jobs
 from core.backbone import BackboneSpec
-from core.experiment import Experiment, IntrinsicDimRequest, count_params, run_weight_updates
+from core.experiment import (
+    Experiment,
+    IntrinsicDimRequest,
+    classroom,
+    count_params,
+    run_weight_updates,
+    snapshot_weight_updates,
+)
 from core.pareto import load_reference_results, reference_points
 from core.runs import RunStore, default_root
 from core.spectra import MatrixSVD, SpectraReport, decompose, spectra_report, weights_key
 
 JobKind = Literal["finetune", "intrinsic_dim"]
+FINETUNE_KEY = "run"  # the Fine-tune page's job, also its address parameter (a reload finds the job again)
+COMPARE_KEY = "compare"  # the Spectra page's two compared runs, "ID,ID", also its address parameter
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -76,6 +85,20 @@ def spectra(
     missing = {name: w0 for name, (w0, _) in updates.items() if name not in cache}
     cache.update(decompose(missing, with_vectors=True, keep=0))
     return spectra_report(updates, k=k, intruder_threshold=threshold, with_vectors=with_vectors, pretrained=cache)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def snapshot_spectra(root: str, run_id: str) -> dict[int, SpectraReport]:
+    """Values-only spectra reports of a completed run's snapshots (`RunStore.snapshot_paths`) by training step,
+    cached by run id; empty when it kept none."""
+    runs = store(root)
+    cache = _pretrained_decompositions(weights_key(runs.get_run(run_id)["backbone"]))
+    reports = {}
+    for step, updates in snapshot_weight_updates(runs, run_id):
+        missing = {name: w0 for name, (w0, _) in updates.items() if name not in cache}
+        cache.update(decompose(missing, with_vectors=True, keep=0))
+        reports[step] = spectra_report(updates, with_vectors=False, pretrained=cache)
+    return reports
 
 
 @st.cache_resource(show_spinner=False, max_entries=2)
@@ -146,3 +169,41 @@ def current_job(kind: JobKind, key: str) -> tuple[str | None, bool]:
 def waiting_jobs(kind: JobKind | None = None) -> pd.DataFrame:
     """Queued and running jobs (of one kind, or all), newest first: what a new job would wait behind."""
     return store().list_runs(status=["running", "queued"], kind=kind)
+
+
+def start_classroom(method: str) -> str:
+    """Submit the classroom demo of ``method`` (`core.experiment.classroom`) as this browser's Fine-tune job."""
+    run_id = submit("finetune", classroom(method))
+    remember(FINETUNE_KEY, run_id)
+    return run_id
+
+
+def start_comparison(first: str = "fact", second: str = "lora") -> tuple[str, str]:
+    """Queue the classroom demos of two methods and keep them as this browser's comparison (Spectra page)."""
+    pair = (submit("finetune", classroom(first)), submit("finetune", classroom(second)))
+    st.session_state[COMPARE_KEY] = ",".join(pair)
+    st.query_params[COMPARE_KEY] = ",".join(pair)
+    return pair
+
+
+def comparison() -> tuple[str, str] | None:
+    """The two runs this browser compares on the Spectra page (from `start_comparison` or the page address)."""
+    text = st.session_state.get(COMPARE_KEY) or st.query_params.get(COMPARE_KEY)
+    ids = [i for i in (text or "").split(",") if i]
+    try:
+        pair = tuple(store().resolve(i) for i in ids)
+    except (KeyError, ValueError):
+        return None
+    return pair if len(pair) == 2 else None  # type: ignore[return-value]
+
+
+def time_left(metrics: pd.DataFrame, total_steps: int) -> float | None:
+    """Seconds until step ``total_steps`` at the pace of the recorded training steps (None before two steps)."""
+    steps = metrics[(metrics["split"] == "train") & (metrics["name"] == "loss")]
+    if len(steps) < 2:
+        return None
+    first, last = steps.iloc[0], steps.iloc[-1]
+    if last["step"] <= first["step"] or last["time"] <= first["time"]:
+        return None
+    per_step = (last["time"] - first["time"]) / (last["step"] - first["step"])
+    return max(total_steps - int(last["step"]), 0) * per_step

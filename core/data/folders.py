@@ -39,9 +39,10 @@ def resolve_inside(path: str | Path, data_root: Path) -> Path:
     target = Path(path).expanduser()
     resolved = (target if target.is_absolute() else root / target).resolve()
     if not resolved.is_relative_to(root):
+        where = str(path) if str(resolved) == str(path) else f"{path} (resolved: {resolved})"
         raise ValueError(
-            f"{path} resolves to {resolved}, outside the allowed data root {root}; move the data under the "
-            "root, or set PETLAB_DATA_ROOT (or pass data_root=) to a folder that contains it"
+            f"{where} is outside the allowed data root {root}; move the data under the root, or set "
+            "PETLAB_DATA_ROOT (or pass data_root=) to a folder that contains it"
         )
     return resolved
 
@@ -317,7 +318,8 @@ def load_from_disk(
     root = Path(data_root if data_root is not None else default_data_root()).expanduser().resolve()
     folder = resolve_inside(spec.path or "", root)
     if not folder.is_dir():
-        raise ValueError(f"{spec.path} ({folder}) is not an existing folder")
+        shown = spec.path if str(folder) == spec.path else f"{spec.path} ({folder})"
+        raise ValueError(f"{shown} is not an existing folder")
     if spec.kind == "folder":
         return _load_folder(spec, folder, root, progress)
     return _load_vtab(spec, folder, root, progress)

@@ -187,9 +187,14 @@ def options_text(options: Mapping[str, Any] | None) -> str:
         if isinstance(value, float):
             value = f"{value:g}"
         elif isinstance(value, list | tuple):
-            value = " | ".join(map(str, value))
+            value = groups_text(value)
         shown.append(f"{name.replace('_', ' ')} {'none' if value is None else value}")
     return ", ".join(shown)
+
+
+def groups_text(groups: Any) -> str:
+    """Intrinsic-dimension groups as text: a scheme name, or the targets strings separated by ``|``."""
+    return " | ".join(map(str, groups)) if isinstance(groups, list | tuple) else str(groups)
 
 
 def duration(seconds: float) -> str:

@@ -183,6 +183,9 @@ def start_comparison(first: str = "fact", second: str = "lora") -> tuple[str, st
     pair = (submit("finetune", classroom(first)), submit("finetune", classroom(second)))
     st.session_state[COMPARE_KEY] = ",".join(pair)
     st.query_params[COMPARE_KEY] = ",".join(pair)
+    st.session_state["spectra.mode"] = "compare"  # the Spectra page opens on them
+    for side, run_id in zip(("spectra.left", "spectra.right"), pair, strict=True):
+        st.session_state[side] = run_id
     return pair
 
 

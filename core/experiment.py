@@ -434,6 +434,52 @@ class IntrinsicDimRequest:
         return self.groups if isinstance(self.groups, str) else list(self.groups)
 
 
+MEASUREMENT_PRESETS: dict[str, IntrinsicDimRequest] = {
+    "quick": IntrinsicDimRequest(
+        data=DataSpec(name="digits", img_size=28, n_train=300, n_val=100),
+        groups="attn-mlp",
+        config=IntrinsicDimConfig(steps=30, batch_size=32, d_min=8, d_max=256, max_trials=4),
+        label="quick measurement",
+    ),
+    "standard": IntrinsicDimRequest(label="standard measurement"),
+    "thorough": IntrinsicDimRequest(
+        data=DataSpec(name="digits", img_size=56, n_train=1000, n_val=300),
+        groups="matrices",
+        config=IntrinsicDimConfig(steps=200),
+        label="thorough measurement",
+    ),
+}
+"""Named measurements, from a look at how d90 works (quick) to a per-matrix comparison (thorough)."""
+
+STEP_SECONDS_PER_IMAGE_TOKEN = 0.0022
+"""The CPU time of one training step per image and token of a ViT-S (width 384, 12 blocks), measured with one
+thread on subspace trials at 28 px (the offline default, batch 32): the unit of `estimate_seconds`."""
+
+
+def planned_trials(request: IntrinsicDimRequest, depth: int) -> int:
+    """The most trials a measurement runs: per group its full-training baseline and ``max_trials`` subspace trials
+    (the search often stops earlier); the head-alone trial first is not counted."""
+    return len(resolve_groups(request.group_list(), depth)) * (1 + request.config.max_trials)
+
+
+def estimate_seconds(request: IntrinsicDimRequest, threads: int = 2) -> tuple[int, float]:
+    """(planned trials, the most seconds they take on ``threads`` CPU cores): every trial's steps at
+    `STEP_SECONDS_PER_IMAGE_TOKEN`, scaled by the backbone's width and depth. An upper bound before it starts;
+    the measured pace replaces it once trials finish.
+
+    Raises:
+        ValueError: a bad backbone, size or group.
+    """
+    spec = dataclasses.replace(request.backbone, img_size=request.data.img_size)
+    model = skeleton(spec)
+    arch = methods.inspect_vit(model)
+    tokens = (request.data.img_size // arch.patch_size) ** 2 + arch.num_prefix_tokens
+    size = (arch.embed_dim / 384) ** 2 * arch.depth / 12
+    per_step = STEP_SECONDS_PER_IMAGE_TOKEN * request.config.batch_size * tokens * size / max(threads, 1)
+    trials = planned_trials(request, arch.depth)
+    return trials, (trials + 1) * request.config.steps * per_step
+
+
 def measurement_record(request: IntrinsicDimRequest) -> dict[str, Any]:
     """What the run store records of a measurement before it starts; checks the backbone and the groups first.
 
@@ -501,14 +547,15 @@ def run_intrinsic_dim(
         spec = dataclasses.replace(request.backbone, img_size=request.data.img_size, num_classes=data.num_classes)
         model, info = build_backbone(spec)
         model.to("cuda" if torch.cuda.is_available() else "cpu")
-        store.update_run(run_id, weights=info.to_dict(), result={"trials": trials, "phase": "measuring"})
+        progress = {"phase": "measuring", "started": time.time(), "planned": planned_trials(request, len(model.blocks))}
+        store.update_run(run_id, weights=info.to_dict(), result={"trials": trials, **progress})
 
         def trial_done(group: str, d: int, accuracy: float) -> None:
             first = all(t["group"] != group for t in trials)  # each group starts with its full baseline
             kind, target = ("full", request.config.threshold * accuracy) if first else ("subspace", None)
-            trial = {"group": group, "d": d, "accuracy": accuracy, "kind": kind, "target": target}
+            trial = {"group": group, "d": d, "accuracy": accuracy, "kind": kind, "target": target, "time": time.time()}
             trials.append(trial)
-            store.update_run(run_id, steps=len(trials), result={"trials": trials, "phase": "measuring"})
+            store.update_run(run_id, steps=len(trials), result={"trials": trials, **progress})
             if on_trial is not None:
                 on_trial(trial)
 
@@ -537,7 +584,7 @@ def run_intrinsic_dim(
         run_id,
         status,
         message,
-        result={"trials": trials, **summary},
+        result={"trials": trials, **progress, "phase": "done", **summary},
         steps=len(trials),
         wall_time_s=time.perf_counter() - started,
         device=str(next(model.parameters()).device),

@@ -2,7 +2,8 @@
 
 import streamlit as st
 
-st.set_page_config(page_title="PETLab", page_icon=":material/tune:", layout="wide")
+# The favicon is an emoji, which the browser draws locally: a :material: icon would be fetched from Google.
+st.set_page_config(page_title="PETLab", page_icon="🔬", layout="wide")
 pages = {
     "Library": [
         st.Page("app_pages/methods.py", title="Methods", icon=":material/science:", default=True),

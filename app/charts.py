@@ -241,6 +241,24 @@ def _hover(part: pd.DataFrame) -> pd.Series:
     return text + "<br>" + part["source"].fillna("").astype(str) + " | " + part["dataset"].fillna("").astype(str)
 
 
+def _points(
+    part: pd.DataFrame, name: str, marker: dict, text: pd.Series | None = None, font: dict | None = None
+) -> go.Scatter:
+    """One Pareto trace: markers, named by ``text`` when given, described on hover."""
+    return go.Scatter(
+        x=part["params"],
+        y=part["accuracy"],
+        mode="markers" if text is None else "markers+text",
+        text=text,
+        textposition="top center",
+        textfont=font,
+        name=name,
+        marker=marker,
+        hovertext=_hover(part),
+        hovertemplate="%{hovertext}<br>%{x:,.0f} params, %{y:.2f}%<extra></extra>",
+    )
+
+
 def pareto(
     points: pd.DataFrame,
     colors: dict[str, str] | None = None,
@@ -259,7 +277,6 @@ def pareto(
         return _empty("no points with an accuracy and a parameter count")
     colors = colors or {}
     fig = go.Figure()
-    template = "%{hovertext}<br>%{x:,.0f} params, %{y:.2f}%<extra></extra>"
     refs = data[data["kind"] == "reference"]
     marked = refs["method"].isin(highlight)
     augreg = refs["method"].astype(str).str.contains("*", regex=False)
@@ -267,54 +284,18 @@ def pareto(
         (~augreg & ~marked, "papers' points", "diamond-open"),
         (augreg & ~marked, "papers' points, AugReg backbone (*)", "square-open"),
     ):
-        part = refs[mask]
-        if part.empty:
-            continue
-        fig.add_trace(
-            go.Scatter(
-                x=part["params"],
-                y=part["accuracy"],
-                mode="markers+text" if label_references else "markers",
-                text=part["method"] if label_references else None,
-                textposition="top center",
-                textfont={"size": 9, "color": "#666"},
-                name=name,
-                marker={"symbol": symbol, "size": 9, "color": "#888"},
-                hovertext=_hover(part),
-                hovertemplate=template,
-            )
-        )
+        if mask.any():
+            text = refs.loc[mask, "method"] if label_references else None
+            marker = {"symbol": symbol, "size": 9, "color": "#888"}
+            fig.add_trace(_points(refs[mask], name, marker, text, {"size": 9, "color": "#666"}))
     if marked.any():
-        part = refs[marked]
-        fig.add_trace(
-            go.Scatter(
-                x=part["params"],
-                y=part["accuracy"],
-                mode="markers+text",
-                text=part["method"],
-                textposition="top center",
-                name="this method in the papers",
-                marker={"symbol": "diamond", "size": 14, "color": _color(3)},
-                hovertext=_hover(part),
-                hovertemplate=template,
-            )
-        )
-    runs = data[data["kind"] == "run"]
-    for method, part in runs.groupby("method", sort=False):
-        fig.add_trace(
-            go.Scatter(
-                x=part["params"],
-                y=part["accuracy"],
-                mode="markers+text",
-                text=part["method"],
-                textposition="bottom center",
-                textfont={"size": 10, "color": colors.get(str(method), _color(0))},
-                name=f"your runs: {method}",
-                marker={"symbol": "circle", "size": 11, "color": colors.get(str(method), _color(0))},
-                hovertext=_hover(part),
-                hovertemplate=template,
-            )
-        )
+        marker = {"symbol": "diamond", "size": 14, "color": _color(3)}
+        fig.add_trace(_points(refs[marked], "this method in the papers", marker, refs.loc[marked, "method"]))
+    for method, part in data[data["kind"] == "run"].groupby("method", sort=False):
+        color = colors.get(str(method), _color(0))
+        marker = {"symbol": "circle", "size": 11, "color": color}
+        trace = _points(part, f"your runs: {method}", marker, part["method"], {"size": 10, "color": color})
+        fig.add_trace(trace.update(textposition="bottom center"))
     for key, label, color in (("run", "front of your runs", "#333"), ("reference", "papers' front", "#888")):
         front = data[(data["kind"] == key) & data["front"].astype(bool)].sort_values("params")
         if len(front) >= 1:

@@ -22,6 +22,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -60,12 +61,27 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("petlab_home")
 
 
+@dataclass
+class Server:
+    """The app's ``streamlit run`` process, its address and its log."""
+
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def check(self) -> None:
+        """Fail at once, with the end of its log, when the server has stopped."""
+        if self.process.poll() is not None:
+            raise AssertionError(f"the app server stopped ({self.process.returncode}):\n{self.log.read_text()[-4000:]}")
+
+
 @pytest.fixture(scope="session")
-def app_url(home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server(home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """``streamlit run`` on a free local port, headless, with its own run store; stopped with its Ray."""
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "streamlit.log"
     env = {**os.environ, "PETLAB_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    env["RAY_gcs_rpc_server_reconnect_timeout_s"] = "600"  # Ray's 60 s to start is short on a loaded machine
     command = [sys.executable, "-m", "streamlit", "run", "app/streamlit_app.py", "--server.port", str(port)]
     command += ["--server.headless", "true", "--browser.gatherUsageStats", "false"]
     command += ["--server.fileWatcherType", "none", "--server.address", "127.0.0.1"]
@@ -85,7 +101,7 @@ def app_url(home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
         if server.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"streamlit did not start:\n{log.read_text()[-4000:]}")
         time.sleep(0.5)
-    yield url
+    yield Server(url, server, log)
     os.killpg(server.pid, signal.SIGTERM)  # the embedded Ray shuts down with its driver
     try:
         server.wait(timeout=30)
@@ -108,8 +124,8 @@ def browser() -> Iterator[object]:
 class Watched:
     """A browser page whose requests off this machine are refused and recorded, with its console errors."""
 
-    def __init__(self, page: object) -> None:
-        self.page = page
+    def __init__(self, page: object, server: Server) -> None:
+        self.page, self.server = page, server
         self.outside: list[str] = []
         self.errors: list[str] = []
         page.route("**/*", self._route)
@@ -141,13 +157,21 @@ class Watched:
             self.outside.append(url)
             route.abort()
 
+    def until(self, condition: Callable[[], object], timeout_s: float, what: str) -> None:
+        """Poll ``condition`` until it holds; fail after ``timeout_s`` seconds, or at once if the server stopped."""
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            self.server.check()
+            assert time.monotonic() < deadline, f"timed out after {timeout_s:.0f} s waiting for {what}"
+            time.sleep(0.25)
+
 
 @pytest.fixture
-def watched(browser: object, app_url: str) -> Iterator[Watched]:
+def watched(browser: object, server: Server) -> Iterator[Watched]:
     """A fresh browser tab (1280 x 900) on the app; after the test, nothing left the machine and nothing failed."""
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, base_url=app_url)
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, base_url=server.url)
     context.set_default_timeout(60_000)
-    tab = Watched(context.new_page())
+    tab = Watched(context.new_page(), server)
     yield tab
     context.close()
     assert tab.outside == [], f"requests left the machine: {tab.outside}"

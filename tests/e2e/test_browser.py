@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from collections.abc import Callable
 
 import pytest
@@ -42,8 +41,10 @@ def steps_shown(page: object) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def wait_for_text(page: object, text: str | re.Pattern[str], timeout_s: float = JOB_TIMEOUT_S) -> None:
-    page.get_by_text(text).first.wait_for(timeout=timeout_s * 1000)
+def wait_for_text(watched: object, text: str | re.Pattern[str], timeout_s: float = JOB_TIMEOUT_S) -> None:
+    """Wait until ``text`` shows on the page (failing at once if the app server stops)."""
+    found = watched.page.get_by_text(text)
+    watched.until(lambda: found.count() > 0, timeout_s, f"{text!r} on the page")
 
 
 @pytest.mark.parametrize("path", list(PAGES))
@@ -65,14 +66,15 @@ def test_the_classroom_demo_runs_to_completion_from_the_fine_tune_page(watched: 
     page = watched.page
     visit(page, "train")
     page.get_by_role("button", name="Run the classroom demo (fact)").click()
-    deadline = time.monotonic() + JOB_TIMEOUT_S
     seen: list[int] = []
-    while page.get_by_text("Completed:").count() == 0:
-        assert time.monotonic() < deadline, f"the demo did not finish; steps seen {seen}"
+
+    def finished() -> bool:
         step = steps_shown(page)
         if step is not None and (not seen or step != seen[-1]):
             seen.append(step)
-        time.sleep(0.25)
+        return page.get_by_text("Completed:").count() > 0
+
+    watched.until(finished, JOB_TIMEOUT_S, "the classroom demo to complete")
     assert len(seen) >= 2 and seen == sorted(seen), f"the progress did not advance: {seen}"
     assert re.search(r"run=\d{8}-\d{6}-[0-9a-f]{6}", page.url)  # the page address keeps the job
     accuracy = page.locator('[data-testid="stMetric"]', has_text="Test accuracy")
@@ -85,14 +87,14 @@ def test_the_classroom_demo_runs_to_completion_from_the_fine_tune_page(watched: 
 def test_the_demos_spectra_step_through_training_and_its_pareto_point(watched: object, screenshot: Shot) -> None:
     page = watched.page
     visit(page, "spectra")
-    wait_for_text(page, "Over training", timeout_s=300)
-    wait_for_text(page, re.compile(r"The adapter as it was after step 60\b"), timeout_s=300)
+    wait_for_text(watched, "Over training", timeout_s=300)
+    wait_for_text(watched, re.compile(r"The adapter as it was after step 60\b"), timeout_s=300)
     page.locator('[data-testid="stSlider"] [role="slider"]').last.press("Home")
-    wait_for_text(page, "The adapter as it was after step 0 ", timeout_s=120)
+    wait_for_text(watched, "The adapter as it was after step 0 ", timeout_s=120)
     settle(page)
     screenshot(page, "spectra")
     visit(page, "pareto")
-    wait_for_text(page, "your runs: fact", timeout_s=120)
+    wait_for_text(watched, "your runs: fact", timeout_s=120)
     screenshot(page, "pareto")
 
 
@@ -100,19 +102,16 @@ def test_a_reload_mid_run_reconnects_and_cancel_says_what_happened(watched: obje
     page = watched.page
     visit(page, "train")
     page.get_by_role("button", name="Run the classroom demo (fact)").click()
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while (steps_shown(page) or 0) < 1:
-        assert time.monotonic() < deadline, "the run did not start"
-        time.sleep(0.25)
+    watched.until(lambda: (steps_shown(page) or 0) >= 1, JOB_TIMEOUT_S, "the run's first step")
     page.reload()  # a new session: the address finds the job, with its Cancel button
     settle(page)
     cancel = page.get_by_role("button", name="Cancel")
     cancel.wait_for()
-    page.wait_for_function(  # the reconnected page keeps following the run
-        "() => /step [0-9]+ of/.test(document.querySelector('[data-testid=stProgress]')?.innerText || '')"
-    )
+    watched.until(lambda: steps_shown(page) is not None, 120, "the reconnected page's progress bar")
+    first = steps_shown(page)
+    watched.until(lambda: (steps_shown(page) or 0) > first, JOB_TIMEOUT_S, "the reconnected run to advance")
     cancel.click()
-    wait_for_text(page, "You cancelled it after", timeout_s=120)
+    wait_for_text(watched, "You cancelled it after", timeout_s=120)
     assert page.get_by_role("button", name="Cancel").count() == 0
 
 
@@ -121,11 +120,11 @@ def test_a_quick_intrinsic_dimension_measurement_finishes_and_survives_a_reload(
     visit(page, "intrinsic_dim")
     assert page.get_by_text("Planned: up to").count() == 1  # the estimate shows before it starts
     page.get_by_role("button", name="Measure").click()
-    wait_for_text(page, re.compile(r"trials done|queued"), timeout_s=120)
+    wait_for_text(watched, re.compile(r"trials done|queued"), timeout_s=120)
     page.reload()
     settle(page)
-    wait_for_text(page, "Local intrinsic dimension d90", timeout_s=JOB_TIMEOUT_S)
+    wait_for_text(watched, "Local intrinsic dimension d90", timeout_s=JOB_TIMEOUT_S)
     page.reload()
     settle(page)
-    wait_for_text(page, "Local intrinsic dimension d90", timeout_s=60)
+    wait_for_text(watched, "Local intrinsic dimension d90", timeout_s=60)
     assert page.locator('[data-testid="stDataFrame"]').count() >= 1

@@ -89,7 +89,7 @@ def test_the_demos_spectra_step_through_training_and_its_pareto_point(watched: o
     visit(page, "spectra")
     wait_for_text(watched, "Over training", timeout_s=300)
     wait_for_text(watched, re.compile(r"The adapter as it was after step 60\b"), timeout_s=300)
-    page.locator('[data-testid="stSlider"] [role="slider"]').last.press("Home")
+    page.get_by_role("slider", name="Training step").press("Home")  # step back to before training
     wait_for_text(watched, "The adapter as it was after step 0 ", timeout_s=120)
     settle(page)
     screenshot(page, "spectra")

@@ -379,6 +379,21 @@ def test_learn_page_explains_each_method_with_its_live_count(home: Path) -> None
     assert any("rank=0" in e.value for e in at.error)
 
 
+def test_the_fine_tune_presets_fill_the_form(home: Path) -> None:
+    at = open_page("app_pages/train.py")
+    assert at.selectbox(key="ft.preset").value == "classroom"
+    at.button(key="ft.fill").click().run()
+    assert not at.exception
+    preset = classroom("fact")
+    assert at.selectbox(key="ft.data.name").value == preset.data.name
+    assert at.number_input(key="ft.data.img_size").value == preset.data.img_size
+    assert at.number_input(key="ft.train.steps").value == preset.train.steps
+    assert at.text_input(key="ft.label").value == "classroom demo"
+    count = meta_count("fact", img_size=preset.data.img_size, **preset.options)
+    assert metric(at, "Trainable parameters (without head)") == f"{count:,}"
+    assert at.button(key="ft.classroom").label == "Run the classroom demo (fact)"
+
+
 def test_classroom_presets_are_valid_for_every_method() -> None:
     for name in methods.list_methods():
         experiment = classroom(name)

@@ -112,7 +112,9 @@ def test_a_reload_mid_run_reconnects_and_cancel_says_what_happened(watched: obje
     watched.until(lambda: (steps_shown(page) or 0) > first, JOB_TIMEOUT_S, "the reconnected run to advance")
     cancel.click()
     wait_for_text(watched, "You cancelled it after", timeout_s=120)
-    assert page.get_by_role("button", name="Cancel").count() == 0
+    button = page.get_by_role("button", name="Cancel")
+    watched.until(lambda: button.count() == 0, 60, "the Cancel button to go once the run ended")
+    assert page.get_by_text("You cancelled it after").count() == 1  # the outcome stays on the page
 
 
 def test_a_quick_intrinsic_dimension_measurement_finishes_and_survives_a_reload(watched: object) -> None:

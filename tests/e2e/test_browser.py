@@ -129,4 +129,5 @@ def test_a_quick_intrinsic_dimension_measurement_finishes_and_survives_a_reload(
     page.reload()
     settle(page)
     wait_for_text(watched, "Local intrinsic dimension d90", timeout_s=60)
-    assert page.locator('[data-testid="stDataFrame"]').count() >= 1
+    table = page.locator('[data-testid="stDataFrame"]')
+    watched.until(lambda: table.count() >= 1, 60, "the table of the groups' d90")

@@ -179,13 +179,19 @@ def watched(browser: object, server: Server) -> Iterator[Watched]:
 
 
 @pytest.fixture(scope="session")
-def screenshot() -> Callable[[object, str], None]:
-    """``screenshot(page, name)``: saves ``screenshot_<name>.png`` when ``PETLAB_SCREENSHOTS`` names a folder."""
+def screenshot() -> Callable[..., None]:
+    """``screenshot(page, name, at=None)``: saves the window as ``screenshot_<name>.png``, scrolled to the text
+    ``at`` (Streamlit scrolls inside the page, so a full-page capture would show no more), when
+    ``PETLAB_SCREENSHOTS`` names a folder."""
 
-    def save(page: object, name: str) -> None:
+    def save(page: object, name: str, at: str | None = None) -> None:
         if SCREENSHOTS:
             folder = Path(SCREENSHOTS) if Path(SCREENSHOTS).is_absolute() else ROOT / SCREENSHOTS
             folder.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(folder / f"screenshot_{name}.png"), full_page=True)
+            target = page.get_by_text(at).first if at else page.locator("h1").first
+            target.scroll_into_view_if_needed()
+            target.evaluate("e => e.scrollIntoView({block: 'start'})")
+            page.wait_for_timeout(500)  # plotly redraws the charts that came into view
+            page.screenshot(path=str(folder / f"screenshot_{name}.png"))
 
     return save

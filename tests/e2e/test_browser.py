@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 
 JOB_TIMEOUT_S = float(os.environ.get("PETLAB_E2E_TIMEOUT", "900"))
-Shot = Callable[[object, str], None]
+Shot = Callable[..., None]
 
 PAGES = {"": "PETLab", "learn": "Learn", "train": "Fine-tune", "runs": "Runs", "spectra": "Spectra"}
 PAGES |= {"pareto": "Accuracy versus trainable parameters", "intrinsic_dim": "Intrinsic dimension"}
@@ -59,7 +59,7 @@ def test_the_learn_page_renders_its_formulas(watched: object, screenshot: Shot) 
     page.locator(".katex").nth(3).wait_for()  # the update, the count and its worked value, typeset by KaTeX
     assert page.locator(".katex-error").count() == 0
     assert page.get_by_text("agrees with the code's count").count() == 1
-    screenshot(page, "learn")
+    screenshot(page, "learn", at="What it changes")
 
 
 def test_the_classroom_demo_runs_to_completion_from_the_fine_tune_page(watched: object, screenshot: Shot) -> None:
@@ -81,7 +81,7 @@ def test_the_classroom_demo_runs_to_completion_from_the_fine_tune_page(watched: 
     value = float(re.search(r"([\d.]+)%", accuracy.inner_text()).group(1))
     assert value > 50.0, f"test accuracy {value}% is not clearly above chance (10%)"
     settle(page)
-    screenshot(page, "train")
+    screenshot(page, "train", at="classroom demo: fact on digits")
 
 
 def test_the_demos_spectra_step_through_training_and_its_pareto_point(watched: object, screenshot: Shot) -> None:
@@ -89,10 +89,11 @@ def test_the_demos_spectra_step_through_training_and_its_pareto_point(watched: o
     visit(page, "spectra")
     wait_for_text(watched, "Over training", timeout_s=300)
     wait_for_text(watched, re.compile(r"The adapter as it was after step 60\b"), timeout_s=300)
-    page.get_by_role("slider", name="Training step").press("Home")  # step back to before training
-    wait_for_text(watched, "The adapter as it was after step 0 ", timeout_s=120)
     settle(page)
     screenshot(page, "spectra")
+    screenshot(page, "spectra_training", at="Over training")
+    page.get_by_role("slider", name="Training step").press("Home")  # step back to before training
+    wait_for_text(watched, "The adapter as it was after step 0 ", timeout_s=120)
     visit(page, "pareto")
     wait_for_text(watched, "your runs: fact", timeout_s=120)
     screenshot(page, "pareto")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
+import plotly.colors
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -59,22 +61,43 @@ def training_curves(metrics: pd.DataFrame) -> go.Figure:
 # ----------------------------------------------------------------------------------------------------------------
 # Spectra
 # ----------------------------------------------------------------------------------------------------------------
-def spectra_heatmap(summary: pd.DataFrame, metric: str) -> go.Figure:
-    """One cell per (block, matrix kind) of a per-matrix summary column (``SpectraReport.summary``)."""
+COUNT_METRICS = {"intruders"}
+"""Summary columns that count things: drawn on an integer scale."""
+
+
+def spectra_heatmap(summary: pd.DataFrame, metric: str, zrange: tuple[float, float] | None = None) -> go.Figure:
+    """One cell per (block, matrix kind) of a per-matrix summary column (``SpectraReport.summary``).
+
+    ``zrange`` fixes the colour scale (to compare runs or training steps on one scale). Counts (intruder
+    dimensions) get whole-number colour steps.
+    """
     frame = summary.dropna(subset=["block"])
     if frame.empty:
         return _empty("no per-block matrices")
     table = frame.pivot_table(index="block", columns="kind", values=metric, aggfunc="first")
     kinds = [k for k in MATRICES if k in table.columns] + [k for k in table.columns if k not in MATRICES]
     table = table[kinds].sort_index()
+    z = table.to_numpy(dtype=float)
+    scale: dict = {"colorscale": "Viridis", "colorbar": {"title": metric}}
+    value = "%{z:.4g}"
+    if metric in COUNT_METRICS:
+        top = int(max(zrange[1] if zrange else 0, np.nanmax(z) if np.isfinite(z).any() else 0, 1))
+        scale = {
+            "colorscale": _count_scale(top),
+            "zmin": -0.5,
+            "zmax": top + 0.5,
+            "colorbar": {"title": "count", "tickvals": list(range(top + 1)), "tickformat": "d"},
+        }
+        value = "%{z:.0f}"
+    elif zrange is not None:
+        scale |= {"zmin": zrange[0], "zmax": zrange[1]}
     fig = go.Figure(
         go.Heatmap(
-            z=table.to_numpy(dtype=float),
+            z=z,
             x=kinds,
             y=[str(b) for b in table.index],
-            colorscale="Viridis",
-            colorbar={"title": metric},
-            hovertemplate="block %{y}, %{x}<br>" + metric + " = %{z:.4g}<extra></extra>",
+            hovertemplate="block %{y}, %{x}<br>" + metric + " = " + value + "<extra></extra>",
+            **scale,
         )
     )
     fig.update_yaxes(title_text="block", autorange="reversed", type="category")
@@ -82,10 +105,37 @@ def spectra_heatmap(summary: pd.DataFrame, metric: str) -> go.Figure:
     return fig.update_layout(height=max(260, 28 * len(table) + 100), margin={"t": 20})
 
 
-def singular_values(values: pd.DataFrame, name: str) -> go.Figure:
+def _count_scale(top: int) -> list[list[object]]:
+    """A stepped colour scale with one flat band per whole number 0..top (Viridis colours)."""
+    colors = plotly.colors.sample_colorscale("Viridis", [i / max(top, 1) for i in range(top + 1)])
+    scale: list[list[object]] = []
+    for i, color in enumerate(colors):
+        scale += [[i / (top + 1), color], [(i + 1) / (top + 1), color]]
+    return scale
+
+
+def metric_range(summaries: list[pd.DataFrame], metric: str) -> tuple[float, float] | None:
+    """(min, max) of one summary column over several reports (runs or training steps), for one colour scale."""
+    values = pd.concat([s[metric] for s in summaries if metric in s], ignore_index=True).astype(float)
+    values = values[np.isfinite(values)]
+    return (float(values.min()), float(values.max())) if len(values) else None
+
+
+def value_range(values: list[pd.DataFrame]) -> tuple[float, float] | None:
+    """The log10 range of the positive singular values over several ``SpectraReport.values`` tables, padded."""
+    joined = pd.concat([v["value"] for v in values], ignore_index=True).astype(float)
+    positive = joined[joined > 0]
+    if positive.empty:
+        return None
+    low, high = math.log10(positive.min()), math.log10(positive.max())
+    return low - 0.1, high + 0.1
+
+
+def singular_values(values: pd.DataFrame, name: str, log_range: tuple[float, float] | None = None) -> go.Figure:
     """For one matrix: pretrained and tuned singular values (left) and the update's (right), log y.
 
-    Values of exactly zero (an update's null space) cannot show on a log axis and are left out.
+    Values of exactly zero (an update's null space) cannot show on a log axis and are left out. ``log_range``
+    (log10 units, `value_range`) fixes both y axes, so runs or training steps compare on one scale.
     """
     rows = values[values["name"] == name]
     fig = make_subplots(
@@ -109,9 +159,34 @@ def singular_values(values: pd.DataFrame, name: str) -> go.Figure:
         row=1,
         col=2,
     )
-    fig.update_yaxes(type="log")
+    fig.update_yaxes(type="log", range=list(log_range) if log_range else None)
     fig.update_xaxes(title_text="index (descending)")
     return fig.update_layout(height=340, margin={"t": 40}, legend={"orientation": "h", "y": -0.25})
+
+
+def update_size_over_training(summaries: dict[int, pd.DataFrame], step: int | None = None) -> go.Figure:
+    """||dW||_F / ||W0||_F against the training step, the mean over blocks of each matrix kind, from the
+    snapshots' summaries (step -> ``SpectraReport.summary``); a vertical line marks ``step``."""
+    rows = [
+        {"step": k, "kind": kind, "value": value}
+        for k, summary in summaries.items()
+        for kind, value in summary.groupby("kind")["update_fro_ratio"].mean().items()
+    ]
+    if not rows:
+        return _empty("no snapshots")
+    frame = pd.DataFrame(rows)
+    fig = go.Figure()
+    kinds = [k for k in MATRICES if k in set(frame["kind"])] + sorted(set(frame["kind"]) - set(MATRICES))
+    for i, kind in enumerate(kinds):
+        part = frame[frame["kind"] == kind].sort_values("step")
+        fig.add_trace(
+            go.Scatter(x=part["step"], y=part["value"], mode="lines+markers", name=kind, line={"color": _color(i)})
+        )
+    if step is not None:
+        fig.add_vline(x=step, line={"color": "gray", "dash": "dot"})
+    fig.update_xaxes(title_text="training step")
+    fig.update_yaxes(title_text="mean ||dW|| / ||W0||")
+    return fig.update_layout(height=300, margin={"t": 20}, legend={"orientation": "h", "y": -0.3})
 
 
 def relative_changes(changes: pd.DataFrame, name: str) -> go.Figure:
@@ -155,44 +230,73 @@ def principal_angles(angles: pd.DataFrame, name: str) -> go.Figure:
 # ----------------------------------------------------------------------------------------------------------------
 # Pareto
 # ----------------------------------------------------------------------------------------------------------------
-def pareto(points: pd.DataFrame) -> go.Figure:
+def method_colors(names: list[str]) -> dict[str, str]:
+    """One colour per method name, stable for a given list (the registry's order)."""
+    return {name: _color(i) for i, name in enumerate(names)}
+
+
+def _hover(part: pd.DataFrame) -> pd.Series:
+    """The hover text of Pareto points: label, backbone, source and dataset."""
+    text = part["label"].astype(str) + "<br>" + part["backbone"].fillna("").astype(str)
+    return text + "<br>" + part["source"].fillna("").astype(str) + " | " + part["dataset"].fillna("").astype(str)
+
+
+def _points(
+    part: pd.DataFrame, name: str, marker: dict, text: pd.Series | None = None, font: dict | None = None
+) -> go.Scatter:
+    """One Pareto trace: markers, named by ``text`` when given, described on hover."""
+    return go.Scatter(
+        x=part["params"],
+        y=part["accuracy"],
+        mode="markers" if text is None else "markers+text",
+        text=text,
+        textposition="top center",
+        textfont=font,
+        name=name,
+        marker=marker,
+        hovertext=_hover(part),
+        hovertemplate="%{hovertext}<br>%{x:,.0f} params, %{y:.2f}%<extra></extra>",
+    )
+
+
+def pareto(
+    points: pd.DataFrame,
+    colors: dict[str, str] | None = None,
+    label_references: bool = False,
+    highlight: tuple[str, ...] = (),
+) -> go.Figure:
     """Accuracy against trainable parameters (log x) of ``combine_points`` output with a boolean ``front`` column.
 
-    Runs are filled circles, the papers' points hollow diamonds (squares for AugReg-backbone rows, whose method
-    carries a ``*``), each kind with its own front line.
+    Your runs are filled circles, one colour per method (``colors``, `method_colors`) and labelled with it; the
+    papers' points are grey hollow diamonds (squares for AugReg-backbone rows, whose method carries a ``*``),
+    named on hover, and in text only with ``label_references`` (dense clusters overlap). Reference methods in
+    ``highlight`` are drawn large, filled and named. Each kind has its own front line.
     """
     data = points[points["params"].notna() & points["accuracy"].notna() & (points["params"] > 0)]
     if data.empty:
         return _empty("no points with an accuracy and a parameter count")
+    colors = colors or {}
     fig = go.Figure()
-    styles = {
-        "run": ("your runs", "circle", _color(0)),
-        "reference": ("papers' points", "diamond-open", _color(1)),
-        "augreg": ("papers' points, AugReg backbone (*)", "square-open", _color(4)),
-    }
-    kind = data["kind"].where(~data["method"].astype(str).str.contains("*", regex=False), "augreg")
-    kind = kind.where(data["kind"] == "reference", data["kind"])
-    for key, (label, symbol, color) in styles.items():
-        part = data[kind == key]
-        if part.empty:
-            continue
-        hover = part["label"].astype(str) + "<br>" + part["backbone"].fillna("").astype(str)
-        hover += "<br>" + part["source"].fillna("").astype(str) + " | " + part["dataset"].fillna("").astype(str)
-        fig.add_trace(
-            go.Scatter(
-                x=part["params"],
-                y=part["accuracy"],
-                mode="markers+text" if key != "run" else "markers",
-                text=part["method"] if key != "run" else None,
-                textposition="top center",
-                textfont={"size": 9},
-                name=label,
-                marker={"symbol": symbol, "size": 10 if key == "run" else 9, "color": color},
-                hovertext=hover,
-                hovertemplate="%{hovertext}<br>%{x:,.0f} params, %{y:.2f}%<extra></extra>",
-            )
-        )
-    for key, label, color in (("run", "front of your runs", _color(0)), ("reference", "papers' front", _color(1))):
+    refs = data[data["kind"] == "reference"]
+    marked = refs["method"].isin(highlight)
+    augreg = refs["method"].astype(str).str.contains("*", regex=False)
+    for mask, name, symbol in (
+        (~augreg & ~marked, "papers' points", "diamond-open"),
+        (augreg & ~marked, "papers' points, AugReg backbone (*)", "square-open"),
+    ):
+        if mask.any():
+            text = refs.loc[mask, "method"] if label_references else None
+            marker = {"symbol": symbol, "size": 9, "color": "#888"}
+            fig.add_trace(_points(refs[mask], name, marker, text, {"size": 9, "color": "#666"}))
+    if marked.any():
+        marker = {"symbol": "diamond", "size": 14, "color": _color(3)}
+        fig.add_trace(_points(refs[marked], "this method in the papers", marker, refs.loc[marked, "method"]))
+    for method, part in data[data["kind"] == "run"].groupby("method", sort=False):
+        color = colors.get(str(method), _color(0))
+        marker = {"symbol": "circle", "size": 11, "color": color}
+        trace = _points(part, f"your runs: {method}", marker, part["method"], {"size": 10, "color": color})
+        fig.add_trace(trace.update(textposition="bottom center"))
+    for key, label, color in (("run", "front of your runs", "#333"), ("reference", "papers' front", "#888")):
         front = data[(data["kind"] == key) & data["front"].astype(bool)].sort_values("params")
         if len(front) >= 1:
             fig.add_trace(

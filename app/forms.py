@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+from collections.abc import Mapping
 from typing import Any
 
 import pandas as pd
@@ -175,3 +176,43 @@ def run_labels(runs: pd.DataFrame, with_status: bool = True) -> dict[str, str]:
         parts.append(f"({label})" if isinstance(label, str) and label else None)
         labels[r["id"]] = "  ".join(str(p) for p in parts if p)
     return labels
+
+
+def options_text(options: Mapping[str, Any] | None) -> str:
+    """A method's options as one readable line (``rank 8, alpha 8, targets q,v``), never a raw dict."""
+    if not options:
+        return "no options"
+    shown = []
+    for name, value in options.items():
+        if isinstance(value, float):
+            value = f"{value:g}"
+        elif isinstance(value, list | tuple):
+            value = groups_text(value)
+        shown.append(f"{name.replace('_', ' ')} {'none' if value is None else value}")
+    return ", ".join(shown)
+
+
+def groups_text(groups: Any) -> str:
+    """Intrinsic-dimension groups as text: a scheme name, or the targets strings separated by ``|``."""
+    return " | ".join(map(str, groups)) if isinstance(groups, list | tuple) else str(groups)
+
+
+def duration(seconds: float) -> str:
+    """A duration as people say it: ``45 s``, ``3 min 20 s``, ``1 h 5 min``."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        minutes, rest = divmod(seconds, 60)
+        return f"{minutes} min {rest} s" if rest and minutes < 10 else f"{minutes} min"
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours} h {rest // 60} min"
+
+
+def show_failure(message: str | None, prefix: str = "") -> None:
+    """A run's failure message: its first line as an error, the rest (error type, traceback) folded away."""
+    first, _, details = (message or "failed without a message").partition("\n")
+    st.error(f"{prefix}{first}")
+    if details.strip():
+        with st.expander("Details"):
+            st.code(details.strip(), language=None)

@@ -12,6 +12,7 @@ loading the adapter).
 from __future__ import annotations
 
 import tempfile
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -21,12 +22,21 @@ import streamlit as st
 
 from core import jobs
 from core.backbone import BackboneSpec
-from core.experiment import Experiment, IntrinsicDimRequest, count_params, run_weight_updates
+from core.experiment import (
+    Experiment,
+    IntrinsicDimRequest,
+    classroom,
+    count_params,
+    run_weight_updates,
+    snapshot_weight_updates,
+)
 from core.pareto import load_reference_results, reference_points
 from core.runs import RunStore, default_root
 from core.spectra import MatrixSVD, SpectraReport, decompose, spectra_report, weights_key
 
 JobKind = Literal["finetune", "intrinsic_dim"]
+FINETUNE_KEY = "run"  # the Fine-tune page's job, also its address parameter (a reload finds the job again)
+COMPARE_KEY = "compare"  # the Spectra page's two compared runs, "ID,ID", also its address parameter
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -78,6 +88,20 @@ def spectra(
     return spectra_report(updates, k=k, intruder_threshold=threshold, with_vectors=with_vectors, pretrained=cache)
 
 
+@st.cache_data(show_spinner=False, max_entries=8)
+def snapshot_spectra(root: str, run_id: str) -> dict[int, SpectraReport]:
+    """Values-only spectra reports of a completed run's snapshots (`RunStore.snapshot_paths`) by training step,
+    cached by run id; empty when it kept none."""
+    runs = store(root)
+    cache = _pretrained_decompositions(weights_key(runs.get_run(run_id)["backbone"]))
+    reports = {}
+    for step, updates in snapshot_weight_updates(runs, run_id):
+        missing = {name: w0 for name, (w0, _) in updates.items() if name not in cache}
+        cache.update(decompose(missing, with_vectors=True, keep=0))
+        reports[step] = spectra_report(updates, with_vectors=False, pretrained=cache)
+    return reports
+
+
 @st.cache_resource(show_spinner=False, max_entries=2)
 def _pretrained_decompositions(key: str) -> dict[str, MatrixSVD]:
     """The decompositions of one backbone's pretrained matrices (``core.spectra.weights_key``), filled as runs need
@@ -115,6 +139,7 @@ def submit(kind: JobKind, spec: Experiment | IntrinsicDimRequest, root: Path | s
     if not may_start():
         raise ValueError("Sign in (in the sidebar) to start jobs on this server.")
     folder = Path(root).expanduser() if root is not None else default_root()
+    _connected()
     return jobs.submit(kind, spec, folder, owner=user_email())
 
 
@@ -153,6 +178,34 @@ def may_cancel(run: Mapping[str, Any], started_here: bool) -> bool:
     return owns(run) and (started_here or sign_in_configured())
 
 
+@st.cache_resource(show_spinner="Starting Ray (once per server)...")
+def _connected() -> str:
+    """Connect this server to Ray (`core.jobs.connect`) from a thread that lives as long as the server, and return
+    the cluster's address.
+
+    Ray's local processes are started with Linux's parent-death signal, which kills them when the *thread* that
+    started them ends, and Streamlit runs every script run in a thread of its own: an embedded Ray started from a
+    page would die as soon as that run finished, with the first job.
+    """
+    done = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def keep() -> None:
+        try:
+            outcome["address"] = jobs.connect()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+            outcome["error"] = exc
+        done.set()
+        if "address" in outcome:
+            threading.Event().wait()  # stay alive: Ray's processes live as long as this thread
+
+    threading.Thread(target=keep, name="petlab-ray", daemon=True).start()
+    done.wait()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["address"]
+
+
 def remember(key: str, run_id: str) -> None:
     """Keep ``run_id`` as the job this browser started for a page: in the session and in the page's address, so
     a reload of the page finds it again (and keeps its Cancel button)."""
@@ -184,3 +237,44 @@ def current_job(kind: JobKind, key: str) -> tuple[str | None, bool]:
 def waiting_jobs(kind: JobKind | None = None) -> pd.DataFrame:
     """Queued and running jobs (of one kind, or all), newest first: what a new job would wait behind."""
     return store().list_runs(status=["running", "queued"], kind=kind)
+
+
+def start_classroom(method: str) -> str:
+    """Submit the classroom demo of ``method`` (`core.experiment.classroom`) as this browser's Fine-tune job."""
+    run_id = submit("finetune", classroom(method))
+    remember(FINETUNE_KEY, run_id)
+    return run_id
+
+
+def start_comparison(first: str = "fact", second: str = "lora") -> tuple[str, str]:
+    """Queue the classroom demos of two methods and keep them as this browser's comparison (Spectra page)."""
+    pair = (submit("finetune", classroom(first)), submit("finetune", classroom(second)))
+    st.session_state[COMPARE_KEY] = ",".join(pair)
+    st.query_params[COMPARE_KEY] = ",".join(pair)
+    st.session_state["spectra.mode"] = "compare"  # the Spectra page opens on them
+    for side, run_id in zip(("spectra.left", "spectra.right"), pair, strict=True):
+        st.session_state[side] = run_id
+    return pair
+
+
+def comparison() -> tuple[str, str] | None:
+    """The two runs this browser compares on the Spectra page (from `start_comparison` or the page address)."""
+    text = st.session_state.get(COMPARE_KEY) or st.query_params.get(COMPARE_KEY)
+    ids = [i for i in (text or "").split(",") if i]
+    try:
+        pair = tuple(store().resolve(i) for i in ids)
+    except (KeyError, ValueError):
+        return None
+    return pair if len(pair) == 2 else None  # type: ignore[return-value]
+
+
+def time_left(metrics: pd.DataFrame, total_steps: int) -> float | None:
+    """Seconds until step ``total_steps`` at the pace of the recorded training steps (None before two steps)."""
+    steps = metrics[(metrics["split"] == "train") & (metrics["name"] == "loss")]
+    if len(steps) < 2:
+        return None
+    first, last = steps.iloc[0], steps.iloc[-1]
+    if last["step"] <= first["step"] or last["time"] <= first["time"]:
+        return None
+    per_step = (last["time"] - first["time"]) / (last["step"] - first["step"])
+    return max(total_steps - int(last["step"]), 0) * per_step

@@ -10,7 +10,10 @@ from app import state
 
 st.set_page_config(page_title="PETLab", page_icon="🎛️", layout="wide")
 pages = {
-    "Library": [st.Page("app_pages/methods.py", title="Methods", icon=":material/science:", default=True)],
+    "Library": [
+        st.Page("app_pages/methods.py", title="Methods", icon=":material/science:", default=True),
+        st.Page("app_pages/learn.py", title="Learn", icon=":material/school:"),
+    ],
     "Train": [
         st.Page("app_pages/train.py", title="Fine-tune", icon=":material/model_training:"),
         st.Page("app_pages/runs.py", title="Runs", icon=":material/list:"),

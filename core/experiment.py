@@ -14,7 +14,7 @@ import dataclasses
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,17 +63,57 @@ DEMO = Experiment(
 )
 
 
-class StoreLogger(Callback):
-    """Writes the metric history to the run store in small batches and keeps the heartbeat fresh."""
+# The classroom demo: a finished run with a test accuracy far above chance (10%) in about a minute on a 2-core
+# laptop: sklearn's 8 x 8 digits at 28 px (4 patches of the offline DINOv2-S), few steps. `classroom` gives it for
+# any method; the learning rate follows how far each kind of method moves the weights.
+CLASSROOM = Experiment(
+    data=DataSpec(name="digits", img_size=28, n_train=1000, n_val=180, n_test=360),
+    method="fact",
+    options={"variant": "tt", "rank": 8, "scale": 1.0},
+    train=TrainConfig(steps=60, batch_size=32, lr=5e-3, warmup_steps=5, eval_every=15),
+    label="classroom demo",
+)
+CLASSROOM_OPTIONS: dict[str, dict[str, Any]] = {
+    "fact": {"variant": "tt", "rank": 8, "scale": 1.0},
+    "lora": {"rank": 8},
+}
+CLASSROOM_LR = {"full": 5e-5, "rlrr": 1e-3, "ssf": 1e-3, "bitfit": 1e-3}
 
-    def __init__(self, store: RunStore, run_id: str, every: int = 10) -> None:
-        self.store, self.run_id, self.every = store, run_id, every
+PRESETS: dict[str, Experiment] = {"classroom": CLASSROOM, "demo": DEMO}
+"""Named starting points of the app and the command line: ``classroom`` (about a minute on a 2-core laptop) and
+``demo`` (the default run of ``python -m core train``, a few minutes)."""
+
+
+def classroom(method: str) -> Experiment:
+    """The classroom demo for ``method`` (registered): `CLASSROOM` with that method and its classroom options.
+
+    Raises:
+        ValueError: an unknown method.
+    """
+    methods.get_method(method)
+    train = dataclasses.replace(CLASSROOM.train, lr=CLASSROOM_LR.get(method, CLASSROOM.train.lr))
+    label = f"classroom demo: {method}"
+    return dataclasses.replace(
+        CLASSROOM, method=method, options=dict(CLASSROOM_OPTIONS.get(method, {})), train=train, label=label
+    )
+
+
+class StoreLogger(Callback):
+    """Writes the metric history to the run store in small batches and keeps the heartbeat fresh: every ``every``
+    steps, and also whenever ``every_s`` seconds have passed, so the first steps show at once."""
+
+    def __init__(self, store: RunStore, run_id: str, every: int = 10, every_s: float = 1.0) -> None:
+        self.store, self.run_id, self.every, self.every_s = store, run_id, every, every_s
         self.rows: list[dict[str, Any]] = []
+        self.last = 0.0
 
     def on_step(self, info: StepInfo) -> None:
+        now = time.time()
         for name in ("loss", "lr", "images_per_s"):
-            self.rows.append({"step": info.step, "split": "train", "name": name, "value": getattr(info, name)})
-        if info.step % self.every == 0:
+            row = {"step": info.step, "split": "train", "name": name, "value": getattr(info, name), "time": now}
+            self.rows.append(row)
+        if info.step % self.every == 0 or now - self.last >= self.every_s:
+            self.last = now
             self.flush()
             self.store.update_run(self.run_id, steps=info.step)
 
@@ -109,6 +149,37 @@ class CancelWatch(Callback):
             if self.store.cancel_requested(self.run_id):
                 self.token.cancel()
         return self.token.cancelled
+
+
+SNAPSHOT_MAX_BYTES = 8 * 2**20
+"""Snapshots are kept only for adapters up to this size (FacT's are kilobytes; never full fine-tuning's)."""
+
+
+def adapter_bytes(model: torch.nn.Module) -> bytes:
+    """The model's adapter file (`methods.save_adapter`: trainable tensors only) as bytes, for the store."""
+    with tempfile.TemporaryDirectory() as folder:
+        return Path(methods.save_adapter(model, Path(folder) / "adapter.safetensors")).read_bytes()
+
+
+class SnapshotWriter(Callback):
+    """Keeps the adapter before training (step 0) and at every validation point, through the store
+    (`RunStore.write_snapshot`), so the spectra can be followed over training."""
+
+    def __init__(self, store: RunStore, run_id: str, model: torch.nn.Module) -> None:
+        self.store, self.run_id, self.model = store, run_id, model
+
+    @staticmethod
+    def wanted(model: torch.nn.Module) -> bool:
+        """Whether snapshots of this model say something and are small: a weight update, a small adapter."""
+        trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        return trainable <= SNAPSHOT_MAX_BYTES and bool(methods.weight_updates(model))
+
+    def on_start(self, total_steps: int, device: str) -> None:
+        self.store.write_snapshot(self.run_id, 0, adapter_bytes(self.model))
+
+    def on_eval(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        if split == "val":
+            self.store.write_snapshot(self.run_id, step, adapter_bytes(self.model))
 
 
 @dataclass(frozen=True)
@@ -256,18 +327,14 @@ def run_experiment(
             trainable_params=methods.count_trainable(model, include_head=False),
             trainable_params_with_head=methods.count_trainable(model, include_head=True),
         )
-        loggers = [StoreLogger(store, run_id), CancelWatch(store, run_id, cancel)]
+        loggers: list[Callback] = [StoreLogger(store, run_id), CancelWatch(store, run_id, cancel)]
+        if SnapshotWriter.wanted(model):
+            loggers.append(SnapshotWriter(store, run_id, model))
         result = train(model, bundle, experiment.train, [*loggers, *callbacks], cancel)
         if result.status == "completed":
-            with tempfile.TemporaryDirectory() as folder:
-                path = methods.save_adapter(model.cpu(), Path(folder) / "adapter.safetensors")
-                store.write_adapter(run_id, Path(path).read_bytes())
+            store.write_adapter(run_id, adapter_bytes(model.cpu()))
     except BaseException as exc:
-        message = f"{type(exc).__name__}: {exc}"
-        if not isinstance(exc, ValueError | KeyboardInterrupt):
-            message += "\n" + traceback.format_exc(limit=5)
-        status = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
-        store.finish_run(run_id, status, message)
+        store.finish_run(run_id, *failure(exc, with_traceback=True))
         raise
     store.finish_run(
         run_id,
@@ -284,32 +351,80 @@ def run_experiment(
     return run_id
 
 
-def load_run_model(store: RunStore, run_id: str) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The (tuned, pretrained) models of a completed run: the recorded backbone rebuilt, its adapter loaded.
+def failure(exc: BaseException, with_traceback: bool = False) -> tuple[str, str]:
+    """(status, message) of a run that raised: ``cancelled`` for an interrupt, else ``failed``. The message's first
+    line is for people (a ValueError's text says what to change); an unexpected error adds its type and, with
+    ``with_traceback``, where it happened, on the lines below."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "cancelled", "cancelled: the process was interrupted"
+    first = str(exc).strip() or "the run stopped with an error"
+    if isinstance(exc, ValueError):
+        return "failed", first
+    details = f"\n{type(exc).__name__}" + (f"\n{traceback.format_exc(limit=5)}" if with_traceback else "")
+    return "failed", first + details
+
+
+def load_run_model(store: RunStore, run_id: str, step: int | None = None) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The (tuned, pretrained) models of a completed run: the recorded backbone rebuilt, its adapter loaded (or its
+    snapshot after ``step`` training steps, `RunStore.snapshot_paths`).
 
     Raises:
-        ValueError: the run has no adapter file (it did not complete) or its backbone cannot be rebuilt here.
+        ValueError: the run has no adapter file (it did not complete), no snapshot at ``step``, or its backbone
+            cannot be rebuilt here.
     """
     run = store.get_run(run_id)
+    pretrained = _pretrained(store, run)
+    tuned = methods.load_adapter(copy.deepcopy(pretrained), _adapter_file(store, run, step))
+    return tuned.eval(), pretrained
+
+
+def _adapter_file(store: RunStore, run: dict[str, Any], step: int | None) -> Path:
+    if step is not None:
+        snapshots = store.snapshot_paths(run["id"])
+        if step not in snapshots:
+            raise ValueError(f"run {run['id']} kept no snapshot at step {step}; it has {list(snapshots) or 'none'}")
+        return snapshots[step]
     path = store.adapter_path(run["id"])
     if not path.exists():
         raise ValueError(f"run {run['id']} ({run['status']}) has no adapter file: only completed runs can be analysed")
-    meta = methods.read_adapter_metadata(path)
+    return path
+
+
+def _pretrained(store: RunStore, run: dict[str, Any]) -> torch.nn.Module:
+    """The run's backbone rebuilt with its pretrained weights and its head's class count, in eval mode."""
+    meta = methods.read_adapter_metadata(_adapter_file(store, run, None))
     spec = BackboneSpec(
         **{**run["backbone"], "num_classes": meta["arch"]["num_classes"], "img_size": run["dataset"]["img_size"]}
     )
     # A weights file was checked to lie in the data root when the run was submitted (that root may have been
     # widened with --data-root): the recorded run is trusted to read it again.
     weights = Path(str(spec.weights)).expanduser()
-    pretrained, _ = build_backbone(spec, weights.parent if weights.is_file() else None)
-    tuned = methods.load_adapter(copy.deepcopy(pretrained), path)
-    return tuned.eval(), pretrained.eval()
+    return build_backbone(spec, weights.parent if weights.is_file() else None)[0].eval()
 
 
-def run_weight_updates(store: RunStore, run_id: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(W0, dW) of every adapted matrix of a run, from the method's delta_weight; for full fine-tuning, from the
-    tuned minus the pretrained weights (q, k, v split). Empty for methods without a weight update."""
-    tuned, pretrained = load_run_model(store, run_id)
+def run_weight_updates(
+    store: RunStore, run_id: str, step: int | None = None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(W0, dW) of every adapted matrix of a run (or of its snapshot after ``step`` steps), from the method's
+    delta_weight; for full fine-tuning, from the tuned minus the pretrained weights (q, k, v split). Empty for
+    methods without a weight update."""
+    return _weight_updates(*load_run_model(store, run_id, step))
+
+
+def snapshot_weight_updates(
+    store: RunStore, run_id: str
+) -> Iterator[tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]]:
+    """(step, (W0, dW) of every adapted matrix) of each snapshot of a completed run, in step order; the backbone
+    is rebuilt once. A generator: analyse each step before the next is loaded (the updates are weight-sized)."""
+    run = store.get_run(run_id)
+    pretrained = _pretrained(store, run)
+    for step, path in store.snapshot_paths(run["id"]).items():
+        yield step, _weight_updates(methods.load_adapter(copy.deepcopy(pretrained), path).eval(), pretrained)
+
+
+def _weight_updates(
+    tuned: torch.nn.Module, pretrained: torch.nn.Module
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     state = methods.adapter_state(tuned)
     if state.method != "full":
         return methods.weight_updates(tuned)
@@ -339,6 +454,52 @@ class IntrinsicDimRequest:
 
     def group_list(self) -> str | list[str]:
         return self.groups if isinstance(self.groups, str) else list(self.groups)
+
+
+MEASUREMENT_PRESETS: dict[str, IntrinsicDimRequest] = {
+    "quick": IntrinsicDimRequest(
+        data=DataSpec(name="digits", img_size=28, n_train=300, n_val=100),
+        groups="attn-mlp",
+        config=IntrinsicDimConfig(steps=30, batch_size=32, d_min=8, d_max=256, max_trials=4),
+        label="quick measurement",
+    ),
+    "standard": IntrinsicDimRequest(label="standard measurement"),
+    "thorough": IntrinsicDimRequest(
+        data=DataSpec(name="digits", img_size=56, n_train=1000, n_val=300),
+        groups="matrices",
+        config=IntrinsicDimConfig(steps=200),
+        label="thorough measurement",
+    ),
+}
+"""Named measurements, from a look at how d90 works (quick) to a per-matrix comparison (thorough)."""
+
+STEP_SECONDS_PER_IMAGE_TOKEN = 0.0022
+"""The CPU time of one training step per image and token of a ViT-S (width 384, 12 blocks), measured with one
+thread on subspace trials at 28 px (the offline default, batch 32): the unit of `estimate_seconds`."""
+
+
+def planned_trials(request: IntrinsicDimRequest, depth: int) -> int:
+    """The most trials a measurement runs: per group its full-training baseline and ``max_trials`` subspace trials
+    (the search often stops earlier); the head-alone trial first is not counted."""
+    return len(resolve_groups(request.group_list(), depth)) * (1 + request.config.max_trials)
+
+
+def estimate_seconds(request: IntrinsicDimRequest, threads: int = 2) -> tuple[int, float]:
+    """(planned trials, the most seconds they take on ``threads`` CPU cores): every trial's steps at
+    `STEP_SECONDS_PER_IMAGE_TOKEN`, scaled by the backbone's width and depth. An upper bound before it starts;
+    the measured pace replaces it once trials finish.
+
+    Raises:
+        ValueError: a bad backbone, size or group.
+    """
+    spec = dataclasses.replace(request.backbone, img_size=request.data.img_size)
+    model = skeleton(spec)
+    arch = methods.inspect_vit(model)
+    tokens = (request.data.img_size // arch.patch_size) ** 2 + arch.num_prefix_tokens
+    size = (arch.embed_dim / 384) ** 2 * arch.depth / 12
+    per_step = STEP_SECONDS_PER_IMAGE_TOKEN * request.config.batch_size * tokens * size / max(threads, 1)
+    trials = planned_trials(request, arch.depth)
+    return trials, (trials + 1) * request.config.steps * per_step
 
 
 def measurement_record(request: IntrinsicDimRequest, data_root: Path | str | None = None) -> dict[str, Any]:
@@ -411,11 +572,12 @@ def run_intrinsic_dim(
         spec = dataclasses.replace(request.backbone, img_size=request.data.img_size, num_classes=data.num_classes)
         model, info = build_backbone(spec, data_root)
         model.to("cuda" if torch.cuda.is_available() else "cpu")
-        store.update_run(run_id, weights=info.to_dict(), result={"trials": trials, "phase": "measuring"})
+        progress = {"phase": "measuring", "started": time.time(), "planned": planned_trials(request, len(model.blocks))}
+        store.update_run(run_id, weights=info.to_dict(), result={"trials": trials, **progress})
 
         def trial_done(trial: Trial) -> None:
-            trials.append(dataclasses.asdict(trial))
-            store.update_run(run_id, steps=len(trials), result={"trials": trials, "phase": "measuring"})
+            trials.append({**dataclasses.asdict(trial), "time": time.time()})
+            store.update_run(run_id, steps=len(trials), result={"trials": trials, **progress})
             if on_trial is not None:
                 on_trial(trials[-1])
 
@@ -434,8 +596,7 @@ def run_intrinsic_dim(
             representation = representation_dimension(model, data.val, max_images=128, max_points=1000)
         summary = measurement_result(result, representation, info.description)
     except BaseException as exc:
-        status = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
-        store.finish_run(run_id, status, f"{type(exc).__name__}: {exc}", result={"trials": trials})
+        store.finish_run(run_id, *failure(exc), result={"trials": trials})
         raise
     status = "cancelled" if result.cancelled else "completed"
     message = f"recommended targets: {result.recommended}" if result.recommended else "no group reached its target"
@@ -445,7 +606,7 @@ def run_intrinsic_dim(
         run_id,
         status,
         message,
-        result={"trials": trials, **summary},
+        result={"trials": trials, **progress, "phase": "done", **summary},
         steps=len(trials),
         wall_time_s=time.perf_counter() - started,
         device=str(next(model.parameters()).device),

@@ -265,7 +265,16 @@ class RemoteStore:
     """What a worker sees of the run store: each write goes to the job manager, which owns the store."""
 
     FORWARDED = frozenset(
-        {"start_run", "update_run", "log_metrics", "finish_run", "write_adapter", "cancel_requested", "get_run"}
+        {
+            "start_run",
+            "update_run",
+            "log_metrics",
+            "finish_run",
+            "write_adapter",
+            "write_snapshot",
+            "cancel_requested",
+            "get_run",
+        }
     )
 
     def __init__(self, handle: Any) -> None:

@@ -82,6 +82,7 @@ __all__ = [
 HOME_ENV = "PETLAB_HOME"
 DB_NAME = "runs.sqlite"
 RUNS_DIR = "runs"
+SNAPSHOT_DIR = "snapshots"
 ADAPTER_FILE = "adapter.safetensors"
 RECORD_FILE = "run.json"
 BUSY_TIMEOUT_S = 10.0
@@ -990,6 +991,26 @@ class RunStore:
             conn.execute("UPDATE runs SET adapter_file = ? WHERE id = ?", (path.name, run_id))
             self._save_record(conn, run_id)
         return path
+
+    # ------------------------------------------------------------------------------------------- snapshots
+    # Adapter snapshots taken during training (``snapshots/step-<n>.safetensors`` in the run's folder), so the
+    # spectra can be followed over training. Written from bytes, as the adapter: workers have no access to this disk.
+
+    def write_snapshot(self, run_id: str, step: int, data: bytes) -> Path:
+        """Store the adapter as it was after ``step`` training steps (safetensors bytes), atomically."""
+        folder = self.run_dir(run_id) / SNAPSHOT_DIR
+        folder.mkdir(exist_ok=True)
+        path = folder / f"step-{int(step)}.safetensors"
+        partial = path.with_name(path.name + ".partial")
+        partial.write_bytes(data)
+        os.replace(partial, path)
+        return path
+
+    def snapshot_paths(self, run_id: str) -> dict[int, Path]:
+        """The run's adapter snapshots by training step, in step order (empty when it kept none)."""
+        folder = self.run_dir(run_id) / SNAPSHOT_DIR
+        found = {int(p.stem.removeprefix("step-")): p for p in folder.glob("step-*.safetensors")}
+        return dict(sorted(found.items()))
 
     def recover(self) -> list[str]:
         """Mark ``interrupted`` the runs whose writer is gone; return their ids. Called when a store opens.

@@ -36,7 +36,13 @@ for name in methods.list_methods():
             "paper": method.paper,
         }
     )
-st.dataframe(pd.DataFrame(rows), hide_index=True)
+counts = st.column_config.NumberColumn(format="localized")
+st.dataframe(
+    pd.DataFrame(rows),
+    hide_index=True,
+    column_config={"trainable (no head)": counts, "trainable (with head)": counts},
+)
+st.caption("The Learn page explains each method: its update as formulas and its count in closed form.")
 
 st.header("Learn: where PETLab differs from the official code")
 st.markdown(

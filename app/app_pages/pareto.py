@@ -3,6 +3,7 @@
 import streamlit as st
 
 from app import charts, state
+from core import methods
 from core.pareto import combine_points, fronts_by_kind
 
 TABLE = ["kind", "label", "method", "accuracy", "params", "params_convention", "ppt", "front", "backbone", "dataset",
@@ -21,6 +22,9 @@ head = cells[2].radio(
     "Parameter count", ["without", "with"], key="pareto.head", format_func=lambda h: f"{h} the classifier head"
 )
 show_refs = cells[3].checkbox("Show the papers' points", value=True, key="pareto.refs")
+name_refs = cells[3].checkbox(
+    "Name the papers' points", value=False, key="pareto.names", help="their names overlap in dense clusters: hover"
+)
 
 refs = state.references(benchmark, average, head) if show_refs else None
 if refs is not None:
@@ -42,10 +46,20 @@ else:
 points = combine_points(runs, refs, prefer=head)
 points["front"] = fronts_by_kind(points)  # your dataset and the benchmark are different tasks
 
-st.plotly_chart(charts.pareto(points), key="pareto.chart")
+colors = charts.method_colors(methods.list_methods())
+st.plotly_chart(charts.pareto(points, colors, label_references=name_refs), key="pareto.chart")
 st.caption(
     "PPT (V-PETL Bench) = accuracy / 100 x exp(-log10(params / 1e7 + 1)): higher is a better trade-off. Parameter "
     f"counts {head} the head where the source gives that count, else the other (see params_convention)."
 )
 table = points[[c for c in TABLE if c in points.columns]].sort_values(["kind", "ppt"], ascending=[False, False])
-st.dataframe(table, hide_index=True, key="pareto.table")
+st.dataframe(
+    table,
+    hide_index=True,
+    key="pareto.table",
+    column_config={
+        "params": st.column_config.NumberColumn(format="localized"),
+        "accuracy": st.column_config.NumberColumn(format="%.2f"),
+        "ppt": st.column_config.NumberColumn(format="%.3f"),
+    },
+)

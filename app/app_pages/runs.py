@@ -17,7 +17,15 @@ if runs.empty:
     st.info("No runs recorded yet: start one on the Fine-tune page (or with `python -m core train`).")
     st.stop()
 
-st.dataframe(runs[[c for c in COLUMNS if c in runs.columns]], hide_index=True, key="runs.table")
+st.dataframe(
+    runs[[c for c in COLUMNS if c in runs.columns]],
+    hide_index=True,
+    key="runs.table",
+    column_config={
+        "trainable_params": st.column_config.NumberColumn(format="localized"),
+        "steps": st.column_config.NumberColumn(format="localized"),
+    },
+)
 st.download_button("Export all runs as CSV", state.export_csv(store), file_name="petlab_runs.csv", mime="text/csv")
 
 labels = forms.run_labels(runs)
@@ -31,7 +39,10 @@ cells[1].metric("Test accuracy", f"{run['test_acc']:.2f}%" if run["test_acc"] is
 cells[2].metric("Best val accuracy", f"{run['best_val_acc']:.2f}%" if run["best_val_acc"] is not None else "-")
 cells[3].metric("Trainable (no head)", f"{run['trainable_params']:,}" if run["trainable_params"] is not None else "-")
 cells[4].metric("Wall time", f"{run['wall_time_s']:.1f} s" if run["wall_time_s"] is not None else "-")
-if run["message"]:
+st.caption(f"{run['method']}: {forms.options_text(run['method_options'])}")
+if run["status"] in ("failed", "interrupted"):
+    forms.show_failure(run["message"], prefix=f"{run['status'].capitalize()}: ")
+elif run["message"]:
     st.caption(run["message"])
 uploads.skipped_files(run)
 st.plotly_chart(charts.training_curves(store.metrics(run_id)), key="runs.curves")

@@ -39,9 +39,10 @@ def resolve_inside(path: str | Path, data_root: Path) -> Path:
     target = Path(path).expanduser()
     resolved = (target if target.is_absolute() else root / target).resolve()
     if not resolved.is_relative_to(root):
+        where = str(path) if str(resolved) == str(path) else f"{path} (resolved: {resolved})"
         raise ValueError(
-            f"{path} resolves to {resolved}, outside the allowed data root {root}; move the data under the "
-            "root, or set PETLAB_DATA_ROOT (or pass data_root=) to a folder that contains it"
+            f"{where} is outside the allowed data root {root}; move the data under the root, or set "
+            "PETLAB_DATA_ROOT (or pass data_root=) to a folder that contains it"
         )
     return resolved
 
@@ -325,7 +326,8 @@ def check_data(spec: DataSpec, data_root: Path | str | None = None) -> tuple[Pat
     folder = resolve_inside(spec.path or "", root)
     if not folder.is_dir():
         what = "a file" if folder.exists() else "nothing is there"
-        raise ValueError(f"{spec.path} ({folder}) is not an existing folder ({what}); give a folder inside {root}")
+        shown = spec.path if str(folder) == spec.path else f"{spec.path} ({folder})"
+        raise ValueError(f"{shown} is not an existing folder ({what}); give a folder inside {root}")
     if spec.kind == "vtab":
         missing = [name for name in _vtab_lists(spec).values() if not (folder / name).is_file()]
         if missing:

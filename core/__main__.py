@@ -61,7 +61,7 @@ def _follow(store: RunStore, run_id: str, quiet: bool = False) -> dict[str, Any]
     from core.jobs import wait
 
     bar: tqdm | None = None
-    shown = {"evals": 0, "trials": 0, "queued": None}
+    shown = {"evals": 0, "trials": 0, "queued": None, "beat": None}
 
     def update(run: dict[str, Any]) -> None:
         nonlocal bar
@@ -82,6 +82,9 @@ def _follow(store: RunStore, run_id: str, quiet: bool = False) -> dict[str, Any]
         if bar is None:
             where = run["hostname"] + (f" (Ray node {run['node'][:8]})" if run["node"] else "")
             bar = tqdm(total=run["train_config"]["steps"], desc=f"training on {where}", unit="step", dynamic_ncols=True)
+        if run["heartbeat_at"] == shown["beat"]:
+            return  # nothing written since the last poll (every write of metrics refreshes the heartbeat)
+        shown["beat"] = run["heartbeat_at"]
         history = store.metrics(run_id)
         loss = history[(history["split"] == "train") & (history["name"] == "loss")]
         if len(loss):

@@ -194,6 +194,8 @@ def test_the_procfile_gives_the_deployment_its_own_data_root(tmp_path: Path) -> 
 
 
 def test_streamlit_settings_of_an_exposed_server() -> None:
+    from streamlit import config as streamlit_config
+
     from core.data.uploads import UploadLimits
 
     config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
@@ -201,6 +203,10 @@ def test_streamlit_settings_of_an_exposed_server() -> None:
     assert config["server"]["maxUploadSize"] * 2**20 == UploadLimits().archive_bytes  # Streamlit counts MB of 2**20
     assert config["client"]["showErrorDetails"] in ("none", "type")  # no tracebacks for visitors
     assert not any("http" in str(value) for value in config.get("theme", {}).values())  # no remote fonts
+    # A job's progress is polled every second: no full garbage collection and no source re-scan after each poll
+    # (they kept a third of a core busy), under option names this Streamlit knows.
+    assert config["runner"]["postScriptGC"] is False and config["server"]["fileWatcherType"] == "none"
+    assert {"runner.postScriptGC", "server.fileWatcherType"} <= set(streamlit_config.get_config_options())
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -72,10 +72,21 @@ def test_a_sweep_started_here_runs_and_opens_on_the_pareto_page(home: Path, ray_
     table = next(d.value for d in at.dataframe if "status" in d.value.columns)
     assert sorted(table["status"]) == ["completed", "completed"] and table["test_acc"].notna().all()
     assert any("2 of 2 points done" in p.proto.text for p in at.get("progress"))
+    single = RunStore(home).create_run({"method": "bitfit", "dataset": {"name": "digits"}})  # not in the sweep
+    RunStore(home).finish_run(single, "completed", "done", test_acc=50.0, trainable_params=10)
     at.button(key="sw.pareto").click().run()
     assert not at.exception
-    assert at.session_state["pareto.sweep"] == sweep_id
     assert at.title[0].value == "Accuracy versus trainable parameters"
+    assert at.selectbox(key="pareto.sweep").value == sweep_id
+
+    def shown_runs() -> list[str]:
+        table = next(d.value for d in at.dataframe if "kind" in d.value.columns)
+        return sorted(table.loc[table["kind"] == "run", "method"])
+
+    assert shown_runs() == ["bitfit", "lora"]  # the sweep's two points, not the single run
+    at.switch_page("app_pages/pareto.py")  # AppTest reruns the page it opened unless told: the one now shown
+    at.selectbox(key="pareto.sweep").select(at.selectbox(key="pareto.sweep").options[0]).run()
+    assert shown_runs() == ["bitfit", "bitfit", "lora"]  # every completed run
 
 
 def test_only_the_browser_that_started_a_sweep_cancels_it(home: Path, ray_local: None) -> None:

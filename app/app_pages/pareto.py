@@ -6,6 +6,7 @@ from app import charts, state
 from core import methods
 from core.pareto import combine_points, fronts_by_kind
 
+ALL_RUNS = "every run (single runs and sweeps)"
 TABLE = ["kind", "label", "method", "accuracy", "params", "params_convention", "ppt", "front", "backbone", "dataset",
          "source"]  # fmt: skip
 
@@ -36,6 +37,13 @@ if refs is not None:
     )
 
 runs = state.store().list_runs(status="completed")
+# A sweep opened from the Sweeps page arrives as this widget's value ("Open on the Pareto page").
+sweep_ids = sorted(runs["sweep_id"].dropna().unique(), reverse=True) if "sweep_id" in runs else []
+if st.session_state.get("pareto.sweep") not in [ALL_RUNS, *sweep_ids]:
+    st.session_state["pareto.sweep"] = ALL_RUNS  # a sweep with no completed point yet, or none asked for
+sweep = st.selectbox("Your runs from", [ALL_RUNS, *sweep_ids], key="pareto.sweep")
+if sweep != ALL_RUNS:
+    runs = runs[runs["sweep_id"] == sweep]
 datasets = sorted(runs["dataset.name"].dropna().unique()) if "dataset.name" in runs else []
 if datasets:
     chosen = st.multiselect("Your runs on", datasets, default=datasets, key="pareto.datasets")

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--dataset", "digits", "--img-size", "28", "--n-train", "256", "--n-val", "64", "--n-test", "64"]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing it
 
 IN_PROCESS = """
 import sys
@@ -50,24 +50,59 @@ def timed(command: list[str], env: dict[str, str] | None = None) -> float:
     return time.perf_counter() - start
 
 
+def phases(command: list[str], home: str) -> dict[str, float]:
+    """Run ``command`` (one fine-tune into the store at ``home``) and split its wall time by the run's metrics:
+    ``start`` (process start to its first training step), ``train`` (first to last training step, with the
+    validation passes between), ``end`` (last step to process exit: test pass, adapter, shutdown), ``total``, and
+    ``images_per_s`` (median of the steps' throughput, which no validation pass dilutes)."""
+    from core.runs import RunStore
+
+    start = time.time()
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+    end = time.time()
+    store = RunStore(home)
+    metrics = store.metrics(str(store.list_runs()["id"].iloc[0]))
+    steps = metrics[metrics["split"].eq("train") & metrics["name"].eq("images_per_s")].sort_values("step")
+    first, last = float(steps["time"].iloc[0]), float(steps["time"].iloc[-1])
+    return {
+        "start": first - start,
+        "train": last - first,
+        "end": end - last,
+        "total": end - start,
+        "images_per_s": float(steps["value"].iloc[1:].median()),  # the first step's includes its warm-up
+    }
+
+
 def load() -> str:
     one, five, _ = os.getloadavg()
     return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} cores"
 
 
 def overhead(rounds: int, steps: int) -> None:
-    ray_times, local_times = [], []
+    ray_runs: list[dict[str, float]] = []
+    local_runs: list[dict[str, float]] = []
     extra = [] if steps == 0 else ["--steps", str(steps)]
     for index in range(rounds):
         with tempfile.TemporaryDirectory() as home:
-            ray_times.append(timed([sys.executable, "-m", "core", "--home", home, "train", "--quiet", *extra]))
+            command = [sys.executable, "-m", "core", "--home", home, "train", "--quiet", *extra]
+            ray_runs.append(phases(command, home))
         with tempfile.TemporaryDirectory() as home:
-            local_times.append(timed([sys.executable, "-c", IN_PROCESS, home, str(steps)]))
-        print(f"round {index + 1}: through Ray {ray_times[-1]:.1f} s, in one process {local_times[-1]:.1f} s")
-    ratio = statistics.median(ray_times) / statistics.median(local_times)
+            local_runs.append(phases([sys.executable, "-c", IN_PROCESS, home, str(steps)], home))
+        through, local = ray_runs[-1]["total"], local_runs[-1]["total"]
+        print(f"round {index + 1}: through Ray {through:.1f} s, in one process {local:.1f} s")
+    median = {
+        name: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+        for name, runs in (("through Ray", ray_runs), ("in one process", local_runs))
+    }
+    for name, parts in median.items():
+        print(
+            f"  {name}: {parts['total']:.1f} s = start to first step {parts['start']:.1f} s + training "
+            f"{parts['train']:.1f} s + last step to exit {parts['end']:.1f} s; {parts['images_per_s']:.1f} images/s"
+        )
+    ratio = median["through Ray"]["total"] / median["in one process"]["total"]
     print(
         f"default demo{'' if steps == 0 else f' at {steps} steps'}, whole process, median of {rounds}: through Ray "
-        f"{statistics.median(ray_times):.1f} s, in one process {statistics.median(local_times):.1f} s, ratio "
+        f"{median['through Ray']['total']:.1f} s, in one process {median['in one process']['total']:.1f} s, ratio "
         f"{ratio:.3f} (target <= 1.05); {load()}"
     )
 

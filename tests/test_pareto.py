@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import math
+import re
 from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree
 
 import numpy as np
 import pandas as pd
@@ -332,3 +336,39 @@ def test_mini_benchmark_averages_by_hand() -> None:
     probe = with_head.loc["Linear probe"]
     assert probe["accuracy"] == pytest.approx((80 + 30) / 2) and math.isnan(probe["accuracy_std"])
     assert probe["params"] == pytest.approx((3_850 + 2_310) / 2) and probe["params_convention"] == "with head"
+
+
+def _mini_vtab_script() -> Any:
+    spec = importlib.util.spec_from_file_location("mini_vtab_run", BENCH / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_mini_benchmark_figure_draws_each_method_and_its_front() -> None:
+    svg = _mini_vtab_script().pareto_svg(
+        pd.DataFrame(
+            {
+                "task": ["digits"] * 4 + ["count"] * 3,
+                "name": ["LoRA r=8 q,v", "Linear probe", "BitFit", "SSF"] + ["LoRA r=8 q,v", "Linear probe", "BitFit"],
+                "seed": 0,
+                "test_acc": [90.0, 80.0, 70.0, 99.0, 60.0, 50.0, 99.0],
+                "params_without_head": [100, 0, 50, 40, 100, 0, 50],
+                "params_with_head": [3_950, 3_850, 3_900, 3_890, 2_410, 2_310, 2_360],
+                "img_size": 56,
+            }
+        )
+    )
+    ElementTree.fromstring(svg)  # well-formed
+    labels = re.findall(r">([^<>]+)</text>", svg)
+    assert {"LoRA r=8 q,v", "Linear probe", "BitFit"} <= set(labels) and "SSF" not in labels  # SSF: one task of two
+    circles = re.findall(r'<circle [^>]*fill="([^"]+)"', svg)
+    # means over the two tasks: BitFit 84.5 on 50 parameters, LoRA 75 on 100 (behind BitFit), the probe 65 on 0
+    assert sorted(circles) == ["#1f77b4"] + ["#d62728"] * 2
+    assert _mini_vtab_script().pareto_svg(pd.DataFrame(columns=["task", "name", "seed", "test_acc"])) == ""
+
+
+def test_the_committed_mini_benchmark_figure_is_drawn_from_the_committed_results() -> None:
+    rows, _ = load_mini_benchmark()
+    figure = BENCH / "pareto.svg"
+    assert (figure.read_text() if figure.is_file() else "") == _mini_vtab_script().pareto_svg(rows)

@@ -8,7 +8,7 @@
 3. The results: one row per point of the grid with a result (``results.csv``) and what it covers
    (``results.json``: the command, the settings, the grid's points and the missing ones); both copied into
    ``core/assets`` as ``mini_benchmark.csv`` / ``.json``, which `core.pareto` reads as a reference benchmark.
-   ``--table`` prints the results as the README's Markdown table.
+   ``--table`` prints the results as the README's Markdown table; ``pareto.svg`` is the README's figure.
 
 Resumable: each phase is a sweep found again by its name in the store, and submitting it again skips the points
 with a result (`core.sweeps.submit_sweep`). ``--stop-after`` cancels the sweep after so many minutes and still
@@ -254,6 +254,91 @@ def markdown_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def pareto_svg(rows: pd.DataFrame, width: int = 760, height: int = 440) -> str:
+    """The README's figure of measured rows (a results file's), as a self-contained SVG: each method's mean test
+    accuracy over the tasks against its trainable parameters without the head (log scale; the linear probe's 0 at
+    the left edge), with the spread over seeds as a bar and the Pareto front (fewer parameters, higher accuracy) as
+    a staircase; methods measured on fewer tasks than the most are left out. Empty when nothing is measured."""
+    from html import escape
+
+    import numpy as np
+
+    from core.pareto import MINI_BENCHMARK_NAME, mini_benchmark_results, pareto_front, reference_points
+
+    if rows.empty or rows["test_acc"].isna().all():
+        return ""
+    points = reference_points(MINI_BENCHMARK_NAME, "mean19", results=mini_benchmark_results(rows), prefer="without")
+    points = points[points["n_tasks"] == points["n_tasks"].max()].reset_index(drop=True)  # complete rows only
+    points["front"] = pareto_front(points, x="params", y="accuracy")
+    left, right, top, bottom = 70, 190, 20, 50
+    decades = np.log10(points["params"].clip(lower=1))
+    low, high = 2.0, float(np.ceil(decades.max()))
+    accuracy_low = float(np.floor((points["accuracy"] - points["accuracy_std"].fillna(0)).min() / 5) * 5)
+    accuracy_high = float(np.ceil((points["accuracy"] + points["accuracy_std"].fillna(0)).max() / 5) * 5)
+
+    def x(params: float) -> float:
+        decade = np.log10(params) if params >= 1 else low - 0.6  # the linear probe's 0, left of the first decade
+        return left + (decade - (low - 0.8)) / (high - (low - 0.8)) * (width - left - right)
+
+    def y(accuracy: float) -> float:
+        return top + (accuracy_high - accuracy) / (accuracy_high - accuracy_low) * (height - top - bottom)
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+        'font-size="12">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+    ]
+    for decade in range(int(low), int(high) + 1):
+        position = x(10.0**decade)
+        parts.append(f'<line x1="{position:.1f}" y1="{top}" x2="{position:.1f}" y2="{height - bottom}" stroke="#eee"/>')
+        parts.append(f'<text x="{position:.1f}" y="{height - bottom + 16}" text-anchor="middle">1e{decade}</text>')
+    parts.append(f'<text x="{x(0):.1f}" y="{height - bottom + 16}" text-anchor="middle">0</text>')
+    for accuracy in np.arange(accuracy_low, accuracy_high + 0.1, 5.0):
+        position = y(accuracy)
+        parts.append(f'<line x1="{left}" y1="{position:.1f}" x2="{width - right}" y2="{position:.1f}" stroke="#eee"/>')
+        parts.append(f'<text x="{left - 6}" y="{position + 4:.1f}" text-anchor="end">{accuracy:.0f}</text>')
+    parts.append(
+        f'<text x="{(left + width - right) / 2:.0f}" y="{height - 12}" text-anchor="middle">trainable parameters '
+        "without the head (log scale)</text>"
+    )
+    parts.append(
+        f'<text transform="translate(18,{(top + height - bottom) / 2:.0f}) rotate(-90)" text-anchor="middle">'
+        "mean test accuracy over the six tasks (%)</text>"
+    )
+    front = points[points["front"]].sort_values("params")
+    corners = []
+    for previous, row in zip([None, *front.itertuples()], front.itertuples(), strict=False):
+        if previous is not None:
+            corners.append(f"{x(row.params):.1f},{y(previous.accuracy):.1f}")
+        corners.append(f"{x(row.params):.1f},{y(row.accuracy):.1f}")
+    parts.append(f'<polyline points="{" ".join(corners)}" fill="none" stroke="#999" stroke-dasharray="4 3"/>')
+    placed = [(x(p) - 5, x(p) + 5, y(a) + 4) for p, a in zip(points["params"], points["accuracy"], strict=True)]
+    # (left, right, baseline) of what a label must not cover: every point, and the labels drawn so far
+    for row in points.sort_values("accuracy", ascending=False).itertuples():
+        center_x, center_y = x(row.params), y(row.accuracy)
+        spread = 0.0 if np.isnan(row.accuracy_std) else row.accuracy_std
+        color = "#d62728" if row.front else "#1f77b4"
+        parts.append(
+            f'<line x1="{center_x:.1f}" y1="{y(row.accuracy - spread):.1f}" x2="{center_x:.1f}" '
+            f'y2="{y(row.accuracy + spread):.1f}" stroke="{color}" stroke-opacity="0.5"/>'
+        )
+        parts.append(f'<circle cx="{center_x:.1f}" cy="{center_y:.1f}" r="4" fill="{color}"/>')
+        text = str(row.method)
+        span = 6.5 * len(text)
+        for shift, side in itertools.product((0, -11, 11, -22, 22, -33, 33), (1, -1)):  # beside it, then nearby
+            start = center_x + 7 if side > 0 else center_x - 7 - span
+            baseline = center_y + 4 + shift
+            if not any(
+                start < b_end and b_start < start + span and abs(baseline - b_line) < 12
+                for b_start, b_end, b_line in placed
+            ):
+                break
+        placed.append((start, start + span, baseline))
+        parts.append(f'<text x="{start:.1f}" y="{baseline:.1f}">{escape(text)}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", type=Path, default=DEFAULT_STORE, help="the run store folder (default %(default)s)")
@@ -315,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     if out == RESULTS:  # the committed results: also the package's copy, which core.pareto reads
         shutil.copyfile(out, ASSETS / "mini_benchmark.csv")
         shutil.copyfile(out.with_suffix(".json"), ASSETS / "mini_benchmark.json")
+        (HERE / "pareto.svg").write_text(pareto_svg(rows))  # the README's figure
     print(f"{out}: {info['measured']} of {info['points']} points of the grid have results")
     return 0 if info["complete"] else 1
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from core import methods
 from core.methods.base import AdapterModule, LinearWrapper, Wrapper
+from core.methods.fact import FacTProduct
 from core.methods.rlrr import RescaledLinear
 from tests.conftest import tiny_vit
 
@@ -224,6 +225,42 @@ def test_rlrr_written_out_backward_matches_autograd(rows: list[tuple[int, int]])
     x, bias, line, col = leaf(2, 3, 5), leaf(12), leaf(len(rows), 4), leaf(len(rows), 5)
     weight = torch.randn(12, 5, generator=gen, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda *a: RescaledLinear.apply(*a[:1], weight, *a[1:], rows), (x, bias, line, col))
+
+
+# (input chunks, output blocks, adapted blocks): qkv with all slices, q and v only, fc1, fc2.
+FACT_LAYOUTS = [(1, 3, (0, 1, 2)), (1, 3, (0, 2)), (1, 4, (0, 1, 2, 3)), (4, 1, (0,))]
+
+
+def _fact_product_by_autograd(x, weight, bias, reduce, expand, blocks, dropout):
+    """FacTProduct's forward written with plain differentiable ops (the same dropout draw for the same seed)."""
+    r, d = expand.shape
+    z = x @ reduce.T
+    if dropout > 0:
+        z = torch.native_dropout(z, dropout, True)[0]
+    out = F.linear(x, weight, bias).unflatten(-1, (-1, d))
+    delta = torch.zeros_like(out).index_add(-2, torch.tensor(blocks), z.unflatten(-1, (-1, r)) @ expand)
+    return (out + delta).flatten(-2)
+
+
+@pytest.mark.parametrize(("chunks", "n_blocks", "blocks"), FACT_LAYOUTS, ids=["qkv", "q,v", "fc1", "fc2"])
+def test_fact_written_out_backward_matches_autograd(chunks: int, n_blocks: int, blocks: tuple[int, ...]) -> None:
+    gen = torch.Generator().manual_seed(0)
+    r, d = 2, 4
+
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+    x, weight, bias = leaf(2, 3, chunks * d), leaf(n_blocks * d, chunks * d), leaf(n_blocks * d)
+    inputs = (x, weight, bias, leaf(len(blocks) * r, chunks * d), leaf(r, d))
+    assert torch.autograd.gradcheck(lambda *a: FacTProduct.apply(*a, blocks, 0.0), inputs)
+    grad_y = torch.randn(2, 3, n_blocks * d, generator=gen, dtype=torch.float64)
+    results = []
+    for fn in (FacTProduct.apply, _fact_product_by_autograd):
+        torch.manual_seed(4)
+        y = fn(*inputs, blocks, 0.5)
+        results.append((y, *torch.autograd.grad(y, inputs, grad_y)))
+    for ours, reference in zip(*results, strict=True):
+        torch.testing.assert_close(ours, reference)
 
 
 def test_kadaptation_dropconnect_forward_is_the_frozen_output_plus_the_dropped_update() -> None:

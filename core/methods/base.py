@@ -272,6 +272,16 @@ def linear_slices(base: nn.Linear, mats: tuple[str, ...]) -> dict[str, tuple[int
     return {m: (i * d, (i + 1) * d) for i, m in enumerate(QKV_SLICES) if m in mats}
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a matmul of ``x`` runs in here: autocast's lower precision where autocast is on for ``x``'s device
+    (it leaves float64 alone), else ``x``'s own. For autograd functions that cast explicitly and run their products
+    with autocast off, so that forward and backward use one dtype."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
 class LinearWrapper(Wrapper):
     """A frozen ``nn.Linear`` plus a weight update, ``y = base(x) + update(x, base(x))``.
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from core import methods
-from core.methods.base import AdapterModule, LinearWrapper, Wrapper
+from core.methods.base import AdapterModule, LinearWrapper, ScaleShift, Wrapper
 from core.methods.fact import FacTProduct
 from core.methods.kadaptation import UpdatedRowsLinear, drop_connect
 from core.methods.rlrr import RescaledLinear
@@ -226,6 +226,26 @@ def test_rlrr_written_out_backward_matches_autograd(rows: list[tuple[int, int]])
     x, bias, line, col = leaf(2, 3, 5), leaf(12), leaf(len(rows), 4), leaf(len(rows), 5)
     weight = torch.randn(12, 5, generator=gen, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda *a: RescaledLinear.apply(*a[:1], weight, *a[1:], rows), (x, bias, line, col))
+
+
+@pytest.mark.parametrize(
+    "base", [torch.nn.LayerNorm(6), torch.nn.LayerNorm(6, bias=False), torch.nn.Linear(5, 6)], ids=str
+)
+def test_scale_shift_is_the_base_output_scaled_and_shifted(base: torch.nn.Module) -> None:
+    """SSF's ``base(x) * gamma + beta``, also where it runs as a LayerNorm's folded affine: outputs and gradients."""
+    torch.manual_seed(0)
+    wrapper = ScaleShift(base, 6, "official")
+    with torch.no_grad():
+        for p in base.parameters():
+            p.normal_()
+    x = torch.randn(2, 3, base.weight.shape[-1])
+    ours = wrapper(x)
+    reference = base(x) * wrapper.scale + wrapper.shift
+    torch.testing.assert_close(ours, reference)
+    params = (wrapper.scale, wrapper.shift, *base.parameters())
+    grads = [torch.autograd.grad(out.square().sum(), params) for out in (ours, reference)]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("rows", [((0, 4), (8, 12)), ((0, 12),)], ids=["q,v", "whole"])

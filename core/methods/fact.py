@@ -13,7 +13,7 @@ As the official code: V is zero-initialised, so the model equals the pretrained 
 acts on the rank-r code just before V (the paper does not mention it). For TK the default ``tk_layout="official"``
 copies the code's fc1/fc2 reshape, which is not the per-slice Tucker form: row j of fc1 block k reads core slice
 (k r + j) mod m. ``tk_layout="tucker"`` gives the textbook per-slice form (same parameter count). The training
-forward acts on the activations (x -> r -> r -> d), never on a d x d matrix.
+forward acts on the activations (x -> r codes -> d, the cores folded into U first), never on a d x d matrix.
 
 Recipe difference: the official code trains with timm's stochastic depth at ``drop_path_rate=0.1``; PETLab's
 backbone default is 0 (``BackboneSpec(drop_path_rate=0.1)`` or ``--drop-path-rate 0.1`` matches it).

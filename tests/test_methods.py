@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from core import methods
-from core.methods.base import AdapterModule, LinearWrapper, Wrapper
+from core.methods.base import AdapterModule, LinearWrapper, ScaleShift, Wrapper
+from core.methods.fact import FacTProduct
+from core.methods.kadaptation import UpdatedRowsLinear, drop_connect
 from core.methods.rlrr import RescaledLinear
 from tests.conftest import tiny_vit
 
@@ -226,17 +228,94 @@ def test_rlrr_written_out_backward_matches_autograd(rows: list[tuple[int, int]])
     assert torch.autograd.gradcheck(lambda *a: RescaledLinear.apply(*a[:1], weight, *a[1:], rows), (x, bias, line, col))
 
 
+@pytest.mark.parametrize(
+    "base", [torch.nn.LayerNorm(6), torch.nn.LayerNorm(6, bias=False), torch.nn.Linear(5, 6)], ids=str
+)
+def test_scale_shift_is_the_base_output_scaled_and_shifted(base: torch.nn.Module) -> None:
+    """SSF's ``base(x) * gamma + beta``, also where it runs as a LayerNorm's folded affine: outputs and gradients."""
+    torch.manual_seed(0)
+    wrapper = ScaleShift(base, 6, "official")
+    with torch.no_grad():
+        for p in base.parameters():
+            p.normal_()
+    x = torch.randn(2, 3, base.weight.shape[-1])
+    ours = wrapper(x)
+    reference = base(x) * wrapper.scale + wrapper.shift
+    torch.testing.assert_close(ours, reference)
+    params = (wrapper.scale, wrapper.shift, *base.parameters())
+    grads = [torch.autograd.grad(out.square().sum(), params) for out in (ours, reference)]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("rows", [((0, 4), (8, 12)), ((0, 12),)], ids=["q,v", "whole"])
+def test_kadaptation_written_out_backward_matches_autograd(rows: tuple[tuple[int, int], ...]) -> None:
+    """The DropConnect product's backward (weight gradient of the updated rows only) is the exact derivative."""
+    gen = torch.Generator().manual_seed(0)
+
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+    weight = torch.randn(12, 5, generator=gen, dtype=torch.float64)
+    x, bias, update = leaf(2, 3, 5), leaf(12), leaf(len(rows), rows[0][1] - rows[0][0], 5)
+    assert torch.autograd.gradcheck(lambda *a: UpdatedRowsLinear.apply(a[0], weight, *a[1:], rows), (x, bias, update))
+
+
+# (input chunks, output blocks, adapted blocks): qkv with all slices, q and v only, fc1, fc2.
+FACT_LAYOUTS = [(1, 3, (0, 1, 2)), (1, 3, (0, 2)), (1, 4, (0, 1, 2, 3)), (4, 1, (0,))]
+
+
+def _fact_product_by_autograd(x, weight, bias, reduce, expand, blocks, dropout):
+    """FacTProduct's forward written with plain differentiable ops (the same dropout draw for the same seed)."""
+    r, d = expand.shape
+    z = x @ reduce.T
+    if dropout > 0:
+        z = torch.native_dropout(z, dropout, True)[0]
+    out = F.linear(x, weight, bias).unflatten(-1, (-1, d))
+    delta = torch.zeros_like(out).index_add(-2, torch.tensor(blocks), z.unflatten(-1, (-1, r)) @ expand)
+    return (out + delta).flatten(-2)
+
+
+@pytest.mark.parametrize(("chunks", "n_blocks", "blocks"), FACT_LAYOUTS, ids=["qkv", "q,v", "fc1", "fc2"])
+def test_fact_written_out_backward_matches_autograd(chunks: int, n_blocks: int, blocks: tuple[int, ...]) -> None:
+    gen = torch.Generator().manual_seed(0)
+    r, d = 2, 4
+
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+    x, weight, bias = leaf(2, 3, chunks * d), leaf(n_blocks * d, chunks * d), leaf(n_blocks * d)
+    inputs = (x, weight, bias, leaf(len(blocks) * r, chunks * d), leaf(r, d))
+    assert torch.autograd.gradcheck(lambda *a: FacTProduct.apply(*a, blocks, 0.0), inputs)
+    grad_y = torch.randn(2, 3, n_blocks * d, generator=gen, dtype=torch.float64)
+    results = []
+    for fn in (FacTProduct.apply, _fact_product_by_autograd):
+        torch.manual_seed(4)
+        y = fn(*inputs, blocks, 0.5)
+        results.append((y, *torch.autograd.grad(y, inputs, grad_y)))
+    for ours, reference in zip(*results, strict=True):
+        torch.testing.assert_close(ours, reference)
+
+
 def test_kadaptation_dropconnect_forward_is_the_frozen_output_plus_the_dropped_update() -> None:
-    """Training with dropout folds the dropped update into each adapted slice's weight; same mask, same output."""
+    """Training with dropout adds the dropped update of the adapted slices to the frozen weight; same mask, same
+    output, and the gradients are those of that dense product."""
     model = methods.apply(tiny_vit("vit"), "kadaptation", dropout=0.5).train()
     _perturb(model)
     wrapper = model.blocks[0].attn.qkv
     x = torch.randn(2, 7, wrapper.base.in_features)
-    with torch.no_grad():
-        torch.manual_seed(3)
-        fast = wrapper(x)
-        torch.manual_seed(3)
-        dropped = F.dropout(wrapper.delta_weight(), 0.5, training=True)
-        dense = wrapper.base(x) + F.linear(x, dropped, wrapper.delta_bias())
-    assert (dropped == 0).any() and not torch.equal(fast, wrapper.eval()(x))  # the mask matters
+    torch.manual_seed(3)
+    fast = wrapper(x)
+    fast_grads = torch.autograd.grad(fast.square().sum(), (wrapper.fast_u, wrapper.fast_v, wrapper.bias_shift))
+    torch.manual_seed(3)
+    P, Q = wrapper.low_rank_factors()
+    dropped = drop_connect(wrapper.scale * torch.bmm(P, Q), 0.5)
+    update = wrapper.place(dict(zip(wrapper.parts, dropped, strict=True)), dim=0)
+    dense = wrapper.base(x) + F.linear(x, update, wrapper.delta_bias())
+    dense_grads = torch.autograd.grad(dense.square().sum(), (wrapper.fast_u, wrapper.fast_v, wrapper.bias_shift))
+    kept = dropped != 0
+    assert 0.4 < kept.float().mean() < 0.6 and not torch.equal(fast, wrapper.eval()(x))  # the mask matters
+    torch.testing.assert_close(dropped[kept], 2 * (wrapper.scale * torch.bmm(P, Q))[kept])  # kept entries: x 1/(1-p)
     torch.testing.assert_close(fast, dense, rtol=1e-5, atol=1e-6)
+    for ours, reference in zip(fast_grads, dense_grads, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)

@@ -272,6 +272,16 @@ def linear_slices(base: nn.Linear, mats: tuple[str, ...]) -> dict[str, tuple[int
     return {m: (i * d, (i + 1) * d) for i, m in enumerate(QKV_SLICES) if m in mats}
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a matmul of ``x`` runs in here: autocast's lower precision where autocast is on for ``x``'s device
+    (it leaves float64 alone), else ``x``'s own. For autograd functions that cast explicitly and run their products
+    with autocast off, so that forward and backward use one dtype."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
 class LinearWrapper(Wrapper):
     """A frozen ``nn.Linear`` plus a weight update, ``y = base(x) + update(x, base(x))``.
 
@@ -369,7 +379,9 @@ class ScaleShift(Wrapper):
     """SSF's per-channel ``y * gamma + beta`` after a LayerNorm, a linear or the patch embedding.
 
     Used by SSF (after every op) and by RLRR (after norm1, norm2, the final norm and the patch embedding). The
-    channel dimension is the last one for all of these (timm's PatchEmbed flattens to tokens x channels).
+    channel dimension is the last one for all of these (timm's PatchEmbed flattens to tokens x channels). After a
+    LayerNorm the pair runs as the norm's own affine (weight ``w gamma``, bias ``b gamma + beta``), so it costs
+    no pass over the activations and keeps no output alive for the backward.
     """
 
     mergeable: ClassVar[bool] = True
@@ -384,7 +396,12 @@ class ScaleShift(Wrapper):
             nn.init.normal_(self.shift, 0.0, 0.02)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.base(x) * self.scale + self.shift
+        base = self.base
+        if isinstance(base, nn.LayerNorm):  # folded into the norm's affine: no extra pass, no extra saved output
+            weight = self.scale if base.weight is None else base.weight * self.scale
+            bias = self.shift if base.bias is None else torch.addcmul(self.shift, base.bias, self.scale)
+            return F.layer_norm(x, base.normalized_shape, weight, bias, base.eps)
+        return torch.addcmul(self.shift, base(x), self.scale)
 
     def delta_weight(self) -> Tensor:
         """For a wrapped linear: ``diag(scale) W - W`` (the spectra see SSF's update like any other)."""

@@ -13,7 +13,7 @@ As the official code: V is zero-initialised, so the model equals the pretrained 
 acts on the rank-r code just before V (the paper does not mention it). For TK the default ``tk_layout="official"``
 copies the code's fc1/fc2 reshape, which is not the per-slice Tucker form: row j of fc1 block k reads core slice
 (k r + j) mod m. ``tk_layout="tucker"`` gives the textbook per-slice form (same parameter count). The training
-forward acts on the activations (x -> r -> r -> d), never on a d x d matrix.
+forward acts on the activations (x -> r codes -> d, the cores folded into U first), never on a d x d matrix.
 
 Recipe difference: the official code trains with timm's stochastic depth at ``drop_path_rate=0.1``; PETLab's
 backbone default is 0 (``BackboneSpec(drop_path_rate=0.1)`` or ``--drop-path-rate 0.1`` matches it).
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.methods.base import (
@@ -36,6 +37,7 @@ from core.methods.base import (
     MethodConfig,
     Shared,
     Targets,
+    compute_dtype,
     inject_per_linear,
     share,
 )
@@ -94,6 +96,75 @@ class FacTFactors(Shared):
         return torch.einsum("abc,ck->abk", self.C, self.P[:, first : first + count])
 
 
+class FacTProduct(torch.autograd.Function):
+    """``y = x W^T + b`` plus FacT's update on the activations, with the backward written out.
+
+    The update's code is ``z = dropout(x R^T)`` (N, k r) with the reduction R (k r x in); output block
+    ``blocks[j]`` (d wide) gains ``z_j E`` with the expansion E = s V^T (r x d). The frozen weight's product and
+    the update share one output and one input gradient (the update's parts accumulated in place), and every thin
+    product runs with its long dimension contiguous.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        reduce: Tensor,
+        expand: Tensor,
+        blocks: tuple[int, ...],
+        dropout: float,
+    ) -> Tensor:
+        dtype = compute_dtype(x)
+        x, weight, reduce, expand = (t.to(dtype) for t in (x, weight, reduce, expand))
+        r, d = expand.shape
+        with torch.autocast(x.device.type, enabled=False):
+            rows = x.reshape(-1, x.shape[-1])
+            z = rows @ reduce.T  # (N, k r)
+            mask = None
+            if dropout > 0:
+                z, mask = torch.native_dropout(z, dropout, True)
+            y = F.linear(x, weight, None if bias is None else bias.to(dtype))
+            out = y.view(rows.shape[0], -1, d)
+            if len(blocks) == out.shape[1]:  # every block adapted: one product for all
+                out.view(-1, d).addmm_(z.view(-1, r), expand)
+            else:
+                for j, block in enumerate(blocks):
+                    out[:, block].addmm_(z[:, j * r : (j + 1) * r], expand)
+        ctx.save_for_backward(x, weight, reduce, expand, z, mask)
+        ctx.blocks, ctx.dropout, ctx.has_bias = blocks, dropout, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, reduce, expand, z, mask = ctx.saved_tensors
+        r, d = expand.shape
+        rows = x.reshape(-1, x.shape[-1])
+        grad_rows = grad_y.reshape(rows.shape[0], -1).to(rows.dtype)
+        grad_out = grad_rows.view(rows.shape[0], -1, d)
+        blocks = ctx.blocks
+        with torch.autocast(x.device.type, enabled=False):
+            if len(blocks) == grad_out.shape[1]:
+                flat = grad_out.view(-1, d)
+                grad_z = (flat @ expand.T).view(rows.shape[0], -1)
+                grad_expand = z.view(-1, r).T @ flat
+            else:
+                grad_z = torch.cat([grad_out[:, block] @ expand.T for block in blocks], dim=1)
+                grad_expand = sum(z[:, j * r : (j + 1) * r].T @ grad_out[:, block] for j, block in enumerate(blocks))
+            if mask is not None:
+                grad_z = torch.ops.aten.native_dropout_backward(grad_z, mask, 1 / (1 - ctx.dropout))
+            grad_reduce = grad_z.T @ rows
+            grad_x = grad_weight = grad_bias = None
+            if ctx.needs_input_grad[0]:
+                grad_x = (grad_rows @ weight).addmm_(grad_z, reduce).view(x.shape)
+            if ctx.needs_input_grad[1]:
+                grad_weight = grad_rows.T @ rows
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_bias = grad_rows.sum(0)
+        return grad_x, grad_weight, grad_bias, grad_reduce, grad_expand, None, None
+
+
 class FacTLinear(LinearWrapper):
     """FacT on one linear: the q/k/v slices of a fused qkv, proj, fc1 (m row blocks) or fc2 (m column blocks).
 
@@ -108,9 +179,12 @@ class FacTLinear(LinearWrapper):
         kind = mats[0] if mats[0] in ("fc1", "fc2") else "attn"
         self.kind, self.m, self.first = kind, m, first_slice
         self.n = len(self.parts) if kind == "attn" else m
-        adapted = [i for i, name in enumerate(QKV_SLICES) if name in self.parts]
-        # Where the updates of some (not all) q/k/v slices go in the fused output; not saved with the model.
-        self.register_buffer("qkv_slices", torch.tensor(adapted, device=base.weight.device), persistent=False)
+        # The input's d-wide chunks that U reads (fc2: m) and the output's d-wide blocks that V writes.
+        self.in_chunks = m if kind == "fc2" else 1
+        if kind == "attn" and self.fused:
+            self.out_blocks = tuple(i for i, name in enumerate(QKV_SLICES) if name in self.parts)
+        else:
+            self.out_blocks = tuple(range(m)) if kind == "fc1" else (0,)
         r = shared.U.shape[0]
         if shared.variant == "tt":
             kw = {"device": base.weight.device, "dtype": base.weight.dtype}
@@ -133,22 +207,24 @@ class FacTLinear(LinearWrapper):
         flat = M.reshape(r, self.m * r)  # the code's reshape: flat[a, m*b + k] = M[a, b, k]
         return flat.T if self.kind == "fc1" else flat
 
+    def reduction(self) -> Tensor:
+        """R (k r x in) with ``x R^T = u C^T``: the cores C (k r x k_in r) applied to U on each d-wide input chunk
+        (``u`` = U x_chunk for the k_in chunks), so the input is read once by one product."""
+        r = self.shared.U.shape[0]
+        cores = self.cores().reshape(len(self.out_blocks) * r, self.in_chunks, r)
+        return (cores @ self.shared.U).flatten(1)
+
     def forward(self, x: Tensor) -> Tensor:
-        f, cores = self.shared, self.cores()
-        r, d = f.U.shape
-        y = self.base(x)
-        out_rows = y.reshape(-1, y.shape[-1])  # (N, out)
-        scaled_V = f.scale * f.V.T  # (r, d): the scale folded into the small factor, not the output
-        if self.kind == "fc2":
-            u = x.reshape(-1, d) @ f.U.T  # (N m, r): U on each d-chunk of the hidden vector
-            z = f.dropout(u.view(-1, self.m * r) @ cores.T)  # (N, r)
-            return torch.addmm(out_rows, z, scaled_V).view(y.shape)
-        u = x.reshape(-1, d) @ f.U.T  # (N, r)
-        z = f.dropout(u @ cores.reshape(-1, r).T)  # (N, n r): one r-code per fc1 row block or attention slice
-        if self.kind == "fc1" or self.n * d == y.shape[-1]:  # every d-wide output block is adapted
-            return torch.addmm(out_rows.view(-1, d), z.view(-1, r), scaled_V).view(y.shape)
-        delta = (z.view(-1, r) @ scaled_V).view(-1, self.n, d)  # (N, n, d) for the adapted q/k/v slices
-        return out_rows.view(-1, len(QKV_SLICES), d).index_add(1, self.qkv_slices, delta).view(y.shape)
+        f = self.shared
+        return FacTProduct.apply(
+            x,
+            self.base.weight,
+            self.base.bias,
+            self.reduction(),
+            f.scale * f.V.T,  # (r, d): the scale folded into the small factor, not the output
+            self.out_blocks,
+            f.dropout.p if self.training else 0.0,
+        )
 
     def delta_weight(self) -> Tensor:
         f, S = self.shared, self.cores()

@@ -33,8 +33,9 @@ Speed: each Kronecker term is itself low-rank, A_t kron u_t v_t^T = (a_t kron u_
 A_t = a_t b_t^T, so dW = s P Q with P (out x n r) and Q (n r x in) built from the small factors. Without dropout the
 update acts on the activations through P and Q (a rank-n r path, like LoRA's), never building a d x d matrix. The
 paper's dropout on dW (DropConnect) needs the whole update and its whole gradient, so while training with dropout
-> 0 the dropped update is added to the frozen weight of each adapted slice and used in that slice's one product:
-the cost above the frozen backbone is the weight gradient of the adapted slices, as full fine-tuning of them.
+> 0 the dropped update of the adapted slices is added to the frozen weight and the linear makes its one product
+with the sum: the cost above the frozen backbone is the weight gradient of the adapted slices (as full fine-tuning
+of them, and no more) and a mask drawn over the adapted slices only.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from core.methods.base import (
     MethodConfig,
     Shared,
     Targets,
+    compute_dtype,
     inject_per_linear,
     share,
 )
@@ -111,6 +113,63 @@ class SlowWeights(Shared):
         self.right = nn.ParameterDict({k: nn.Parameter(torch.empty(n, n, **kw).uniform_(-0.01, 0.01)) for k in kinds})
 
 
+def drop_connect(update: Tensor, p: float) -> Tensor:
+    """DropConnect: each entry of ``update`` kept with probability 1 - p and scaled by 1 / (1 - p), else zeroed.
+    The mask comes from one uniform draw per entry (a cheaper generator than ``bernoulli_``); autograd keeps it as
+    booleans."""
+    dropped = torch.rand_like(update) < p
+    return update.masked_fill(dropped, 0.0) * (1 / (1 - p))
+
+
+def updated_weight(weight: Tensor, update: Tensor, rows: tuple[tuple[int, int], ...], dtype: torch.dtype) -> Tensor:
+    """``weight`` with ``update[i]`` added to its row block ``rows[i]`` (in the weight's precision), cast to
+    ``dtype``; a new tensor."""
+    updated = weight.clone()
+    for part, (lo, hi) in zip(update, rows, strict=True):
+        updated[lo:hi] += part
+    return updated.to(dtype)
+
+
+class UpdatedRowsLinear(torch.autograd.Function):
+    """``y = x (W + dW)^T + b`` where dW is ``update[i]`` on the row block ``rows[i]`` and zero elsewhere.
+
+    One product with the updated weight, as the frozen backbone makes one with W. The backward forms the weight
+    gradient of the updated rows only (the frozen rows get none) and rebuilds ``W + dW`` instead of keeping it.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        update: Tensor,
+        rows: tuple[tuple[int, int], ...],
+    ) -> Tensor:
+        dtype = compute_dtype(x)
+        x = x.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.linear(x, updated_weight(weight, update, rows, dtype), None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(x, weight, update)
+        ctx.rows, ctx.has_bias = rows, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, update = ctx.saved_tensors
+        x_rows = x.reshape(-1, x.shape[-1])
+        grad_rows = grad_y.reshape(x_rows.shape[0], -1).to(x.dtype)
+        grad_x = grad_bias = grad_update = None
+        with torch.autocast(x.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                grad_x = (grad_rows @ updated_weight(weight, update, ctx.rows, x.dtype)).view(x.shape)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_bias = grad_rows.sum(0)
+            if ctx.needs_input_grad[3]:
+                grad_update = torch.stack([grad_rows[:, lo:hi].T @ x_rows for lo, hi in ctx.rows])
+        return grad_x, None, grad_bias, grad_update, None
+
+
 class KronLinear(LinearWrapper):
     """The Kronecker update on a linear or on some q/k/v slices; fast weights u (parts, n, out/n, r) and v."""
 
@@ -164,18 +223,12 @@ class KronLinear(LinearWrapper):
         return out_rows.view(-1, len(QKV_SLICES), d).index_add(1, self.qkv_slices, delta.transpose(0, 1)).view(y.shape)
 
     def dropconnect_forward(self, x: Tensor) -> Tensor:
-        """Training with DropConnect: each adapted slice's product uses its frozen rows plus the dropped update."""
-        dropped = F.dropout(self.delta_weight(), self.dropout, training=True)
-        weight, bias = self.base.weight, self.bias_with_shift()
-        if not self.fused:
-            return F.linear(x, weight + dropped, bias)
-        d = weight.shape[0] // len(QKV_SLICES)
-        outputs = []
-        for i, name in enumerate(QKV_SLICES):
-            rows = slice(i * d, (i + 1) * d)
-            slice_weight = weight[rows] + dropped[rows] if name in self.parts else weight[rows]
-            outputs.append(F.linear(x, slice_weight, bias[rows]))
-        return torch.cat(outputs, dim=-1)
+        """Training with DropConnect: one product with the frozen weight plus the dropped update of the adapted
+        slices; the backward forms the weight gradient of those slices only."""
+        P, Q = self.low_rank_factors()
+        dropped = drop_connect(self.scale * torch.bmm(P, Q), self.dropout)  # (parts, out_i, in)
+        rows = tuple(self.parts.values())
+        return UpdatedRowsLinear.apply(x, self.base.weight, self.bias_with_shift(), dropped, rows)
 
     def delta_weight(self) -> Tensor:
         P, Q = self.low_rank_factors()

@@ -7,8 +7,9 @@ on ViT-B/16 (head excluded).
 
 The training forward builds the rescaled weight and makes one product with it, as full fine-tuning does; a custom
 autograd function takes the gradients of l and c from the weight-sized gradient (which the rescaling needs, as
-full fine-tuning does) and recomputes the rescaled weight in the backward instead of keeping it, so the step costs
-no more than full fine-tuning's and holds no extra weight-sized tensor between forward and backward.
+full fine-tuning does) and keeps the rescaled weight (in the product's precision) for the input gradient rather
+than building it twice: one weight-sized tensor per layer between forward and backward, where full fine-tuning
+holds a gradient and two optimizer moments per weight. The SSF scale/shift after a norm runs as the norm's affine.
 ``init="official"`` copies the released code (kaiming-uniform l and c,
 SSF scale ~ N(1, .02) and shift ~ N(0, .02)): the model is NOT the pretrained one at step 0, each weight is scaled by
 (1 + l_i c_j) with std about 0.07. ``init="identity"`` zeroes l (c stays random, so both receive gradients) and
@@ -35,6 +36,7 @@ from core.methods.base import (
     LinearWrapper,
     MethodConfig,
     Targets,
+    compute_dtype,
     inject_per_linear,
     scale_shift_norms,
 )
@@ -75,9 +77,10 @@ class RescaledLinear(torch.autograd.Function):
     """``y = x @ (W * (1 + l c^T))^T + b`` per row block, with the backward written out.
 
     Autograd through ``rescaled_weight`` would keep the rescaled weight and the factor ``1 + l c^T`` for every layer
-    until the backward. Here the backward recomputes the rescaled weight, forms the weight gradient
-    ``G = grad_y^T x`` one row block at a time, and reduces ``G * W`` against c and l in place:
-    ``grad l_i = (G * W) c_i``, ``grad c_i = (G * W)^T l_i``. The frozen weight gets no gradient.
+    until the backward. Here the backward uses the kept rescaled weight for the input gradient, forms the weight
+    gradient ``G = grad_y^T x`` of the rescaled rows (in one product where they are adjacent), and reduces ``G * W``
+    against c and l per row block: ``grad l_i = (G * W) c_i``, ``grad c_i = (G * W)^T l_i``. The frozen weight gets
+    no gradient.
     """
 
     @staticmethod
@@ -91,29 +94,35 @@ class RescaledLinear(torch.autograd.Function):
         scale_col: Tensor,
         rows: list[tuple[int, int]],
     ) -> Tensor:
-        ctx.save_for_backward(x, weight, scale_line, scale_col)
+        # In the product's precision (what autocast would cast it to), kept for the backward's input gradient.
+        rescaled = rescaled_weight(weight, scale_line, scale_col, rows).to(compute_dtype(x))
+        y = F.linear(x, rescaled, bias)
+        ctx.save_for_backward(x, weight, rescaled, scale_line, scale_col)
         ctx.rows = rows
-        return F.linear(x, rescaled_weight(weight, scale_line, scale_col, rows), bias)
+        return y
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, scale_line, scale_col = ctx.saved_tensors
+        x, weight, rescaled, scale_line, scale_col = ctx.saved_tensors
         grad_rows = grad_y.reshape(-1, grad_y.shape[-1])
         x_rows = x.reshape(-1, x.shape[-1]).to(grad_rows.dtype)
         grad_x = grad_bias = grad_line = grad_col = None
         if ctx.needs_input_grad[0]:
-            rescaled = rescaled_weight(weight, scale_line, scale_col, ctx.rows).to(grad_rows.dtype)
-            grad_x = (grad_rows @ rescaled).view(x.shape)
+            grad_x = (grad_rows @ rescaled.to(grad_rows.dtype)).view(x.shape)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_rows.sum(0)
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            grad_line, grad_col = torch.empty_like(scale_line), torch.empty_like(scale_col)
-            for i, (lo, hi) in enumerate(ctx.rows):
-                weighted = grad_rows[:, lo:hi].T @ x_rows  # G, (out_i, in)
-                weighted.mul_(weight[lo:hi])  # G * W
-                grad_line[i] = weighted @ scale_col[i].to(weighted.dtype)
-                grad_col[i] = scale_line[i].to(weighted.dtype) @ weighted
+            rows = ctx.rows
+            if all(prev[1] == nxt[0] for prev, nxt in zip(rows, rows[1:], strict=False)):
+                spans = [(rows[0][0], rows[-1][1])]  # adjacent row blocks (all of q, k, v; a whole matrix): one G
+            else:
+                spans = rows
+            weighted = [(grad_rows[:, lo:hi].T @ x_rows).mul_(weight[lo:hi]) for lo, hi in spans]  # G * W
+            weighted = (weighted[0] if len(spans) == 1 else torch.cat(weighted)).view(len(rows), -1, x_rows.shape[1])
+            line, col = scale_line.to(weighted.dtype), scale_col.to(weighted.dtype)
+            grad_line = torch.stack([block @ c for block, c in zip(weighted, col, strict=True)])
+            grad_col = torch.stack([l @ block for block, l in zip(weighted, line, strict=True)])
         return grad_x, None, grad_bias, grad_line, grad_col, None
 
 
@@ -148,6 +157,8 @@ class RLRRLinear(LinearWrapper):
         return self.place(parts, dim=0)
 
     def delta_bias(self) -> Tensor:
+        if self.shift_bias.numel() == self.base.out_features:  # every row adapted (all of q, k, v or a whole matrix)
+            return self.shift_bias.flatten()
         return self.place({m: self.shift_bias[i] for i, m in enumerate(self.parts)}, dim=0)
 
 

@@ -7,6 +7,7 @@ permitted); elsewhere they are simulated by making the store's writes fail as th
 from __future__ import annotations
 
 import errno
+import inspect
 import os
 import re
 import shutil
@@ -24,7 +25,7 @@ from core.__main__ import main as cli
 from core.backbone import BackboneUnavailable
 from core.errors import NoSpace, NotWritable, PetlabError, StoreDamaged
 from core.experiment import run_experiment
-from core.runs import RunStore
+from core.runs import RunStore, files
 
 RECORD = dict(method="lora", method_options={"rank": 2}, dataset={"name": "digits"}, label="kept")
 
@@ -186,7 +187,7 @@ def test_a_full_disk_says_so_keeps_what_was_recorded_and_still_lists(
 ) -> None:
     home, mounted = small_disk
     run_id = _finished_run(home)
-    real_wal = RunStore.__dict__["_wal"]  # the staticmethod itself
+    real_wal = inspect.getattr_static(RunStore, "_wal")  # the staticmethod itself
 
     def fill_the_disk() -> None:
         if mounted:
@@ -200,7 +201,7 @@ def test_a_full_disk_says_so_keeps_what_was_recorded_and_still_lists(
         def sqlite_full(conn: sqlite3.Connection) -> str:
             raise sqlite3.OperationalError("database or disk is full")
 
-        monkeypatch.setattr(R, "_write_atomically", full)
+        monkeypatch.setattr(files, "write_atomically", full)
         monkeypatch.setattr(RunStore, "_wal", staticmethod(sqlite_full))
 
     def free_the_disk() -> None:

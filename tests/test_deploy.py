@@ -132,7 +132,7 @@ def test_skipped_files_are_recorded_with_the_run(data_root: Path, tmp_path: Path
 
 
 def _in_process_submit(ns: Any, kind: str, spec: Any, title: str) -> dict[str, Any]:
-    """The command line's `_submit` without Ray: the worker's path, which records a failure and does not raise."""
+    """The command line's `submit` without Ray: the worker's path, which records a failure and does not raise."""
     store = RunStore(ns.home)
     with contextlib.suppress(ValueError):
         run_experiment(spec, store, data_root=ns.data_root)
@@ -142,9 +142,10 @@ def _in_process_submit(ns: Any, kind: str, spec: Any, title: str) -> dict[str, A
 def test_command_line_prints_the_skipped_files_and_refuses_them_on_request(
     data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import core.__main__ as cli
+    import core.cli as cli
+    import core.cli.train
 
-    monkeypatch.setattr(cli, "_submit", _in_process_submit)
+    monkeypatch.setattr(core.cli.train, "submit", _in_process_submit)
     for i in range(4):  # 7 bad files: 5 named, the others counted
         (data_root / "pets" / "cats" / f"empty{i}.jpg").write_bytes(b"")
     args = ["--home", str(tmp_path / "home"), "train", "--dataset", "folder:pets", "--img-size", "32"]

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
-import core.__main__ as cli_module
+import core.cli as cli_module
+import core.cli.train as cli_train
 from core import runs as R
-from core.__main__ import main as cli
 from core.backbone import BackboneUnavailable
+from core.cli import main as cli
 from core.errors import NoSpace, NotWritable, PetlabError, StoreDamaged
 from core.experiment import run_experiment
 from core.runs import RunStore, files
@@ -285,7 +286,7 @@ def test_a_diverged_run_prints_no_adapter_path(tmp_path: Path, monkeypatch: pyte
     def run_here(ns, kind: str, spec, title: str) -> dict:  # the job, in this process instead of on Ray
         return store.get_run(run_experiment(spec, store))
 
-    monkeypatch.setattr(cli_module, "_submit", run_here)
+    monkeypatch.setattr(cli_train, "submit", run_here)
     data = ["--dataset", "digits", "--img-size", "32", "--n-train", "32", "--n-val", "16", "--n-test", "16"]
     schedule = ["--steps", "5", "--batch-size", "16", "--lr", "1e12", "--warmup-steps", "0", "--min-lr", "0"]
     backbone = ["--backbone", "vit_tiny_patch16_224", "--weights", "none"]

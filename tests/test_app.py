@@ -44,8 +44,8 @@ from core.methods import explain
 from core.pareto import ppt_score
 from core.runs import RunStore
 from core.train import TrainConfig
+from tests.conftest import open_app
 
-APP = "../app/streamlit_app.py"
 PAGES = ["app_pages/train.py", "app_pages/runs.py", "app_pages/spectra.py", "app_pages/pareto.py"]
 PAGES += ["app_pages/intrinsic_dim.py", "app_pages/learn.py"]  # Methods: the first test
 TINY_DATA = DataSpec(name="digits", img_size=28, n_train=32, n_val=16, n_test=16)
@@ -90,17 +90,6 @@ def home_with_run(recorded: tuple[Path, str], tmp_path: Path, monkeypatch: pytes
     return root, recorded[1]
 
 
-def open_page(page: str | None = None, **session: object) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=60)
-    for key, value in session.items():
-        at.session_state[key] = value
-    at.run()
-    if page is not None:
-        at.switch_page(page).run()
-    assert not at.exception, at.exception
-    return at
-
-
 def frame(at: AppTest, column: str) -> pd.DataFrame:
     """The first rendered dataframe with this column (AppTest gives dataframes no keys)."""
     return next(d.value for d in at.dataframe if column in d.value.columns)
@@ -126,7 +115,7 @@ def wait_for(condition: object, timeout: float = 60.0) -> None:
 # Every page, empty store
 # ----------------------------------------------------------------------------------------------------------------
 def test_methods_page_lists_every_method_with_counts_and_the_learn_section(home: Path) -> None:
-    at = open_page()
+    at = open_app()
     table = at.dataframe[0].value
     assert list(table["method"]) == methods.list_methods()
     assert int(table.loc[table["method"] == "linear", "trainable (no head)"].iloc[0]) == 0
@@ -140,7 +129,7 @@ def test_methods_page_lists_every_method_with_counts_and_the_learn_section(home:
 
 @pytest.mark.parametrize("page", PAGES)
 def test_every_page_renders_on_an_empty_store(home: Path, page: str) -> None:
-    at = open_page(page)
+    at = open_app(page)
     if page.endswith(("runs.py", "spectra.py")):
         assert at.info and "No " in at.info[0].value
     if page.endswith("pareto.py"):
@@ -154,7 +143,7 @@ def test_every_page_renders_on_an_empty_store(home: Path, page: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 def test_runs_page_shows_the_run_and_deletes_it_after_confirmation(home_with_run: tuple[Path, str]) -> None:
     root, run_id = home_with_run
-    at = open_page("app_pages/runs.py")
+    at = open_app("app_pages/runs.py")
     table = frame(at, "trainable_params")
     assert list(table["id"]) == [run_id] and list(table["status"]) == ["completed"]
     assert metric(at, "Status") == "completed"
@@ -172,7 +161,7 @@ def test_runs_page_shows_the_run_and_deletes_it_after_confirmation(home_with_run
 
 def test_spectra_page_shows_the_runs_matrices(home_with_run: tuple[Path, str]) -> None:
     root, run_id = home_with_run
-    at = open_page("app_pages/spectra.py")
+    at = open_app("app_pages/spectra.py")
     summary = frame(at, "update_fro_ratio")
     depth = 12  # the offline DINOv2 ViT-S/14
     assert sorted(summary["name"]) == sorted(f"blocks.{b}.attn.qkv.{m}" for b in range(depth) for m in "qv")
@@ -200,7 +189,7 @@ def test_relative_change_chart_plots_one_matrix_and_leaves_unresolved_values_out
 def test_pareto_page_plots_the_run_beside_the_references(home_with_run: tuple[Path, str]) -> None:
     root, run_id = home_with_run
     run = RunStore(root).get_run(run_id)
-    at = open_page("app_pages/pareto.py")
+    at = open_app("app_pages/pareto.py")
     table = frame(at, "ppt")
     mine = table[table["kind"] == "run"]
     assert len(mine) == 1 and (table["kind"] == "reference").any()
@@ -221,7 +210,7 @@ def meta_count(method: str, img_size: int = 112, **options: object) -> int:
 
 
 def test_fine_tune_form_follows_the_method_and_counts_live(home: Path) -> None:
-    at = open_page("app_pages/train.py")
+    at = open_app("app_pages/train.py")
     label = "Trainable parameters (without head)"
     assert at.selectbox(key="ft.method").value == "fact"
     assert at.selectbox(key="ft.method.fact.variant").options == ["tt", "tk"]
@@ -250,21 +239,19 @@ def test_the_fine_tune_page_follows_its_job_and_cancels_it(home: Path, ray_local
     store = RunStore(home)
     done = state.submit("finetune", tiny_experiment(), root=home)
     assert jobs.wait(store, done, timeout=300)["status"] == "completed"
-    at = open_page("app_pages/train.py", run=done)  # the job this session started
+    at = open_app("app_pages/train.py", session={"run": done})  # the job this session started
     assert any("completed" in s.value for s in at.success)
     assert shown_run(at) == done
     assert not [b for b in at.button if b.key == "ft.cancel"]
 
     long = state.submit("finetune", tiny_experiment(steps=100_000), root=home)
     wait_for(lambda: (store.get_run(long)["steps"] or 0) >= 10, timeout=300)
-    elsewhere = open_page("app_pages/train.py")  # another browser: sees the job live, cannot cancel it
+    elsewhere = open_app("app_pages/train.py")  # another browser: sees the job live, cannot cancel it
     assert shown_run(elsewhere) == long and metric(elsewhere, "Status") == "running"
     assert not [b for b in elsewhere.button if b.key == "ft.cancel"]
 
-    reloaded = AppTest.from_file(APP, default_timeout=60)
-    reloaded.query_params["run"] = long  # a reload keeps the page's address, and with it the job it started
-    reloaded.run()
-    reloaded.switch_page("app_pages/train.py").run()
+    # A reload keeps the page's address, and with it the job it started.
+    reloaded = open_app("app_pages/train.py", query={"run": long})
     assert shown_run(reloaded) == long
     reloaded.button(key="ft.cancel").click().run()
     assert not reloaded.exception
@@ -276,7 +263,7 @@ def test_the_fine_tune_page_follows_its_job_and_cancels_it(home: Path, ray_local
 
 def test_start_button_submits_the_form_and_says_where_it_queues(home: Path, ray_local: None) -> None:
     store = RunStore(home)
-    at = open_page("app_pages/train.py")
+    at = open_app("app_pages/train.py")
     assert at.button(key="ft.start").label == "Start"
     ahead = state.submit("finetune", tiny_experiment(steps=100_000), root=home)  # someone else's long job
     wait_for(lambda: store.get_run(ahead)["status"] == "running", timeout=300)
@@ -309,7 +296,7 @@ def test_start_button_submits_the_form_and_says_where_it_queues(home: Path, ray_
 def test_spectra_page_says_when_a_method_has_no_weight_update(home: Path) -> None:
     experiment = dataclasses.replace(tiny_experiment(), method="linear", options={})
     run_experiment(experiment, RunStore(home))
-    at = open_page("app_pages/spectra.py")
+    at = open_app("app_pages/spectra.py")
     assert any("makes no weight update" in i.value for i in at.info)
 
 
@@ -335,7 +322,7 @@ def test_intrinsic_dimension_job_and_its_targets_reach_the_fine_tune_page(home: 
     assert {t["group"] for t in trials} == {"q,v:11", "fc2:11"}
     assert [t["kind"] for t in trials if t["group"] == "fc2:11"][0] == "full"
 
-    at = open_page("app_pages/intrinsic_dim.py")  # a new session (a reload) lists the stored measurement
+    at = open_app("app_pages/intrinsic_dim.py")  # a new session (a reload) lists the stored measurement
     assert at.selectbox(key="id.selected").value == run_id
     table = frame(at, "d90")
     assert list(table["group"]) == ["q,v:11", "fc2:11"]
@@ -358,7 +345,7 @@ def test_intrinsic_dimension_job_and_its_targets_reach_the_fine_tune_page(home: 
 # Teaching: the Learn page, the classroom presets, spectra over training, two runs side by side
 # ----------------------------------------------------------------------------------------------------------------
 def test_learn_page_explains_each_method_with_its_live_count(home: Path) -> None:
-    at = open_page("app_pages/learn.py")
+    at = open_app("app_pages/learn.py")
     for name in methods.list_methods():
         at.selectbox(key="learn.method").set_value(name).run()
         assert not at.exception and not at.error, name
@@ -380,7 +367,7 @@ def test_learn_page_explains_each_method_with_its_live_count(home: Path) -> None
 
 
 def test_the_fine_tune_presets_fill_the_form(home: Path) -> None:
-    at = open_page("app_pages/train.py")
+    at = open_app("app_pages/train.py")
     assert at.selectbox(key="ft.preset").value == "classroom"
     at.button(key="ft.fill").click().run()
     assert not at.exception
@@ -424,7 +411,7 @@ def test_snapshots_are_kept_at_step_zero_and_every_validation(tmp_path: Path) ->
 
 def test_spectra_page_steps_through_the_snapshots_on_fixed_scales(home_with_run: tuple[Path, str]) -> None:
     root, run_id = home_with_run
-    at = open_page("app_pages/spectra.py")
+    at = open_app("app_pages/spectra.py")
     slider = at.select_slider(key="spectra.step")
     assert list(slider.options) == ["step 0", "step 2"] and slider.value == 2
     sizes_at_end = chart(at, "spectra.step.heatmap")
@@ -441,11 +428,7 @@ def test_spectra_page_steps_through_the_snapshots_on_fixed_scales(home_with_run:
 def test_spectra_page_compares_two_runs_on_one_scale(home_with_run: tuple[Path, str]) -> None:
     root, lora = home_with_run
     fact = run_experiment(dataclasses.replace(tiny_experiment(), method="fact", options={"rank": 2}), RunStore(root))
-    at = AppTest.from_file(APP, default_timeout=60)
-    at.query_params["compare"] = f"{fact},{lora}"  # the address the compare button leaves
-    at.run()
-    at.switch_page("app_pages/spectra.py").run()
-    assert not at.exception
+    at = open_app("app_pages/spectra.py", query={"compare": f"{fact},{lora}"})  # the address the compare button leaves
     assert at.radio(key="spectra.mode").value == "compare"
     assert (at.selectbox(key="spectra.left").value, at.selectbox(key="spectra.right").value) == (fact, lora)
     left, right = chart(at, "spectra.left.heatmap"), chart(at, "spectra.right.heatmap")
@@ -478,7 +461,7 @@ def chart(at: AppTest, key: str) -> dict:
 def test_the_learn_pages_demo_button_starts_the_classroom_run_on_the_fine_tune_page(
     home: Path, ray_local: None
 ) -> None:
-    at = open_page("app_pages/learn.py")
+    at = open_app("app_pages/learn.py")
     at.selectbox(key="learn.method").set_value("lora").run()
     at.button(key="learn.demo").click().run()
     assert not at.exception
@@ -496,7 +479,7 @@ def test_the_learn_pages_demo_button_starts_the_classroom_run_on_the_fine_tune_p
 # Easier to read
 # ----------------------------------------------------------------------------------------------------------------
 def test_intrinsic_dimension_presets_fill_the_advanced_settings_and_estimate_the_time(home: Path) -> None:
-    at = open_page("app_pages/intrinsic_dim.py")
+    at = open_app("app_pages/intrinsic_dim.py")
     quick = MEASUREMENT_PRESETS["quick"]
     assert at.radio(key="id.preset").value == "quick"
     assert at.number_input(key="id.config.steps").value == quick.config.steps
@@ -526,7 +509,7 @@ def test_a_cancelled_measurement_names_what_it_did_not_measure_and_recommends_no
         "representation": None,
     }  # fmt: skip
     store.finish_run(run_id, "cancelled", "cancelled after 2 trials", result=result)
-    at = open_page("app_pages/intrinsic_dim.py")
+    at = open_app("app_pages/intrinsic_dim.py")
     assert not at.success and not [b for b in at.button if b.key == "id.use"]
     (warning,) = [w.value for w in at.warning]
     assert "Not measured: fc1" in warning and "not a recommendation" in warning

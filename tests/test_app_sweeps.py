@@ -12,8 +12,8 @@ from streamlit.testing.v1 import AppTest
 
 from core import sweeps
 from core.runs import RunStore
+from tests.conftest import open_app
 
-APP = "../app/streamlit_app.py"
 PAGE = "app_pages/sweeps.py"
 TINY = {"img_size": 28, "n_train": 32, "n_val": 16, "n_test": 16, "batch_size": 16}
 
@@ -22,16 +22,6 @@ TINY = {"img_size": 28, "n_train": 32, "n_val": 16, "n_test": 16, "batch_size": 
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("PETLAB_HOME", str(tmp_path))
     return tmp_path
-
-
-def open_sweeps(**query: str) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=120)
-    for key, value in query.items():
-        at.query_params[key] = value
-    at.run()
-    at.switch_page(PAGE).run()
-    assert not at.exception, at.exception
-    return at
 
 
 def metric(at: AppTest, label: str) -> str:
@@ -50,7 +40,7 @@ def fill(at: AppTest, methods: list[str], ranks: str, seeds: str, steps: int) ->
 
 
 def test_the_form_counts_points_and_refuses_a_bad_grid(home: Path) -> None:
-    at = open_sweeps()
+    at = open_app(PAGE, timeout=120)
     assert metric(at, "Points") == "4"  # the defaults: LoRA and FacT at ranks 4 and 8, on digits, seed 0
     fill(at, ["lora", "bitfit"], "2,4", "0,1", steps=2)
     assert metric(at, "Points") == "6"  # (LoRA at two ranks + BitFit) x one dataset x two seeds
@@ -60,7 +50,7 @@ def test_the_form_counts_points_and_refuses_a_bad_grid(home: Path) -> None:
 
 
 def test_a_sweep_started_here_runs_and_opens_on_the_pareto_page(home: Path, ray_local: None) -> None:
-    at = open_sweeps()
+    at = open_app(PAGE, timeout=120)
     fill(at, ["lora", "bitfit"], "2", "0", steps=2)
     at.button(key="sw.start").click().run()
     assert not at.exception
@@ -91,7 +81,7 @@ def test_a_sweep_started_here_runs_and_opens_on_the_pareto_page(home: Path, ray_
 
 def test_only_the_browser_that_started_a_sweep_cancels_it(home: Path, ray_local: None) -> None:
     store = RunStore(home)
-    at = open_sweeps()
+    at = open_app(PAGE, timeout=120)
     fill(at, ["lora"], "2", "0,1", steps=100_000)  # two long points: one runs, one waits
     at.button(key="sw.start").click().run()
     sweep_id = at.session_state["sweep"]
@@ -100,11 +90,12 @@ def test_only_the_browser_that_started_a_sweep_cancels_it(home: Path, ray_local:
         assert time.monotonic() < deadline, "the first point never started"
         time.sleep(0.2)
 
-    elsewhere = open_sweeps()  # another browser: sees the sweep live, without a Cancel button
+    elsewhere = open_app(PAGE, timeout=120)  # another browser: sees the sweep live, without a Cancel button
     assert elsewhere.selectbox(key="sw.shown").value == sweep_id
     assert not [b for b in elsewhere.button if b.key == "sw.cancel"]
 
-    reloaded = open_sweeps(sweep=sweep_id)  # a reload keeps the page's address, and with it the sweep it started
+    # A reload keeps the page's address, and with it the sweep it started.
+    reloaded = open_app(PAGE, query={"sweep": sweep_id}, timeout=120)
     reloaded.button(key="sw.cancel").click().run()
     assert not reloaded.exception
     summary = sweeps.wait_sweep(store, sweep_id, timeout=120)

@@ -17,7 +17,6 @@ import tomllib
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from streamlit.testing.v1 import AppTest
 
 from core import jobs
 from core.backbone import BackboneSpec, WeightsFileError, build_backbone, weights_file
@@ -25,6 +24,7 @@ from core.data import DataSpec
 from core.experiment import Experiment, IntrinsicDimRequest, experiment_record, run_experiment, validate
 from core.runs import RunStore
 from core.train import TrainConfig
+from tests.conftest import open_app
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_BACKBONE = BackboneSpec(name="vit_tiny_patch16_224", weights="none")
@@ -132,7 +132,7 @@ def test_skipped_files_are_recorded_with_the_run(data_root: Path, tmp_path: Path
 
 
 def _in_process_submit(ns: Any, kind: str, spec: Any, title: str) -> dict[str, Any]:
-    """The command line's `_submit` without Ray: the worker's path, which records a failure and does not raise."""
+    """The command line's `submit` without Ray: the worker's path, which records a failure and does not raise."""
     store = RunStore(ns.home)
     with contextlib.suppress(ValueError):
         run_experiment(spec, store, data_root=ns.data_root)
@@ -142,9 +142,10 @@ def _in_process_submit(ns: Any, kind: str, spec: Any, title: str) -> dict[str, A
 def test_command_line_prints_the_skipped_files_and_refuses_them_on_request(
     data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import core.__main__ as cli
+    import core.cli as cli
+    import core.cli.train
 
-    monkeypatch.setattr(cli, "_submit", _in_process_submit)
+    monkeypatch.setattr(core.cli.train, "submit", _in_process_submit)
     for i in range(4):  # 7 bad files: 5 named, the others counted
         (data_root / "pets" / "cats" / f"empty{i}.jpg").write_bytes(b"")
     args = ["--home", str(tmp_path / "home"), "train", "--dataset", "folder:pets", "--img-size", "32"]
@@ -212,24 +213,11 @@ def test_streamlit_settings_of_an_exposed_server() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # The app: sign-in, uploads, refusals before Start, skipped files, nothing fetched from elsewhere
 # ----------------------------------------------------------------------------------------------------------------
-APP = "../app/streamlit_app.py"
 SIGNED_OUT = {"is_logged_in": False}  # what st.user holds when secrets.toml configures sign-in and nobody signed in
 
 
 def _signed_in(email: str) -> dict[str, Any]:
     return {"is_logged_in": True, "email": email, "name": email.split("@")[0]}
-
-
-def _open(page: str, user: dict[str, Any] | None = None, **query: str) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=60)
-    if user is not None:
-        at.user = user
-    for key, value in query.items():
-        at.query_params[key] = value
-    at.run()
-    at.switch_page(page).run()
-    assert not at.exception, at.exception
-    return at
 
 
 @pytest.fixture
@@ -245,7 +233,7 @@ def _queued_run(store: RunStore, owner: str | None) -> str:
 
 
 def test_signed_out_visitors_start_nothing_and_upload_nothing(app_home: RunStore) -> None:
-    at = _open("app_pages/train.py", SIGNED_OUT)
+    at = open_app("app_pages/train.py", user=SIGNED_OUT)
     assert [b.key for b in at.sidebar.button] == ["auth.login"]
     assert any("Sign in (in the sidebar) to upload" in i.value for i in at.info)
     assert not at.file_uploader
@@ -256,32 +244,32 @@ def test_signed_out_visitors_start_nothing_and_upload_nothing(app_home: RunStore
 
 def test_a_signed_in_user_cancels_and_deletes_only_their_own_jobs(app_home: RunStore) -> None:
     theirs = _queued_run(app_home, "ann@example.org")
-    at = _open("app_pages/train.py", _signed_in("ann@example.org"))
+    at = open_app("app_pages/train.py", user=_signed_in("ann@example.org"))
     assert [b.key for b in at.sidebar.button] == ["auth.logout"]
     assert any("Signed in as ann@example.org" in c.value for c in at.sidebar.caption)
     assert at.button(key="ft.cancel")  # her job, started in another browser: she may cancel it
-    other = _open("app_pages/train.py", _signed_in("bob@example.org"))
+    other = open_app("app_pages/train.py", user=_signed_in("bob@example.org"))
     assert not [b for b in other.button if b.key == "ft.cancel"]
-    signed_out = _open("app_pages/train.py", SIGNED_OUT, run=theirs)  # even with the job's address
+    signed_out = open_app("app_pages/train.py", user=SIGNED_OUT, query={"run": theirs})  # even with the job's address
     assert not [b for b in signed_out.button if b.key == "ft.cancel"]
 
     at.button(key="ft.cancel").click().run()
     assert app_home.get_run(theirs)["status"] == "cancelled"
-    runs_page = _open("app_pages/runs.py", _signed_in("bob@example.org"))
+    runs_page = open_app("app_pages/runs.py", user=_signed_in("bob@example.org"))
     assert runs_page.button(key="runs.delete").disabled
-    assert not _open("app_pages/runs.py", _signed_in("ann@example.org")).button(key="runs.delete").disabled
+    assert not open_app("app_pages/runs.py", user=_signed_in("ann@example.org")).button(key="runs.delete").disabled
 
 
 def test_an_open_server_keeps_the_browser_rules(app_home: RunStore) -> None:
     run_id = _queued_run(app_home, None)
-    assert not [b for b in _open("app_pages/train.py").button if b.key == "ft.cancel"]  # not started here
-    at = _open("app_pages/train.py", run=run_id)  # the browser that started it
+    assert not [b for b in open_app("app_pages/train.py").button if b.key == "ft.cancel"]  # not started here
+    at = open_app("app_pages/train.py", query={"run": run_id})  # the browser that started it
     assert at.button(key="ft.cancel") and not at.sidebar.button
-    assert not _open("app_pages/runs.py").button(key="runs.delete").disabled
+    assert not open_app("app_pages/runs.py").button(key="runs.delete").disabled
 
 
 def test_start_refuses_a_missing_folder_before_anything_is_recorded(app_home: RunStore) -> None:
-    at = _open("app_pages/train.py")
+    at = open_app("app_pages/train.py")
     at.selectbox(key="ft.data.name").set_value("folder:").run()
     at.text_input(key="ft.data.path").input("nowhere").run()
     at.button(key="ft.start").click().run()
@@ -298,7 +286,7 @@ def test_an_uploaded_zip_becomes_the_chosen_dataset(app_home: RunStore, data_roo
         for path in sorted((data_root / "pets").rglob("*.png")):
             archive.write(path, Path("my pets") / path.relative_to(data_root / "pets"))
         archive.writestr("../escape.png", b"x")
-    at = _open("app_pages/train.py", _signed_in("ann@example.org"))
+    at = open_app("app_pages/train.py", user=_signed_in("ann@example.org"))
     at.file_uploader(key="ft.data.upload.file").set_value(("bad.zip", buffer.getvalue(), "application/zip")).run()
     at.button(key="ft.data.upload.start").click().run()
     assert any("climbs out of its folder" in e.value for e in at.error)
@@ -321,7 +309,7 @@ def test_an_uploaded_zip_becomes_the_chosen_dataset(app_home: RunStore, data_roo
 def test_the_run_views_list_the_skipped_files(app_home: RunStore) -> None:
     run_id = run_experiment(_folder_experiment("pets"), app_home)
     for page, query in (("app_pages/train.py", {"run": run_id}), ("app_pages/runs.py", {})):
-        at = _open(page, **query)
+        at = open_app(page, query=query)
         (notice,) = [e for e in at.expander if "3 file(s) of the dataset were left out" in e.label]
         table = notice.dataframe[0].value
         assert set(table["file"]) == {"cats/empty.png", "dogs/broken.png", "dogs/notes.txt"}
@@ -336,7 +324,7 @@ def test_nothing_the_app_shows_is_fetched_from_another_server(
     icons: list[Any] = []
     original = streamlit.set_page_config
     monkeypatch.setattr(streamlit, "set_page_config", lambda **kw: icons.append(kw["page_icon"]) or original(**kw))
-    _open("app_pages/train.py")
+    open_app("app_pages/train.py")
     # A ":material/...:" page icon becomes a favicon URL on fonts.gstatic.com in Streamlit's frontend; an emoji is
     # drawn by the browser into a data: URL.
     assert icons and all(isinstance(icon, str) and is_emoji(icon) for icon in icons)

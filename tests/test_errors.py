@@ -7,6 +7,7 @@ permitted); elsewhere they are simulated by making the store's writes fail as th
 from __future__ import annotations
 
 import errno
+import inspect
 import os
 import re
 import shutil
@@ -18,13 +19,14 @@ from pathlib import Path
 
 import pytest
 
-import core.__main__ as cli_module
+import core.cli as cli_module
+import core.cli.train as cli_train
 from core import runs as R
-from core.__main__ import main as cli
 from core.backbone import BackboneUnavailable
+from core.cli import main as cli
 from core.errors import NoSpace, NotWritable, PetlabError, StoreDamaged
 from core.experiment import run_experiment
-from core.runs import RunStore
+from core.runs import RunStore, files
 
 RECORD = dict(method="lora", method_options={"rank": 2}, dataset={"name": "digits"}, label="kept")
 
@@ -186,7 +188,7 @@ def test_a_full_disk_says_so_keeps_what_was_recorded_and_still_lists(
 ) -> None:
     home, mounted = small_disk
     run_id = _finished_run(home)
-    real_wal = RunStore.__dict__["_wal"]  # the staticmethod itself
+    real_wal = inspect.getattr_static(RunStore, "_wal")  # the staticmethod itself
 
     def fill_the_disk() -> None:
         if mounted:
@@ -200,7 +202,7 @@ def test_a_full_disk_says_so_keeps_what_was_recorded_and_still_lists(
         def sqlite_full(conn: sqlite3.Connection) -> str:
             raise sqlite3.OperationalError("database or disk is full")
 
-        monkeypatch.setattr(R, "_write_atomically", full)
+        monkeypatch.setattr(files, "write_atomically", full)
         monkeypatch.setattr(RunStore, "_wal", staticmethod(sqlite_full))
 
     def free_the_disk() -> None:
@@ -284,7 +286,7 @@ def test_a_diverged_run_prints_no_adapter_path(tmp_path: Path, monkeypatch: pyte
     def run_here(ns, kind: str, spec, title: str) -> dict:  # the job, in this process instead of on Ray
         return store.get_run(run_experiment(spec, store))
 
-    monkeypatch.setattr(cli_module, "_submit", run_here)
+    monkeypatch.setattr(cli_train, "submit", run_here)
     data = ["--dataset", "digits", "--img-size", "32", "--n-train", "32", "--n-val", "16", "--n-test", "16"]
     schedule = ["--steps", "5", "--batch-size", "16", "--lr", "1e12", "--warmup-steps", "0", "--min-lr", "0"]
     backbone = ["--backbone", "vit_tiny_patch16_224", "--weights", "none"]

@@ -22,7 +22,7 @@ import pytest
 
 from core import runs as R
 from core.errors import StoreDamaged, StoreError
-from core.runs import RunNotFoundError, RunStore
+from core.runs import RunNotFoundError, RunStore, schema
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -456,8 +456,10 @@ def test_migration_adds_new_columns_and_refuses_newer_stores(tmp_path: Path, mon
     store.log_metrics(run_id, [dict(step=0, split="train", name="loss", value=1.0)])
 
     newer = R.SCHEMA_VERSION + 1
-    monkeypatch.setattr(R, "SCHEMA_VERSION", newer)
-    monkeypatch.setattr(R, "RUN_COLUMNS", (*R.RUN_COLUMNS, R.Column("gpu_name", "text", "accelerator", since=newer)))
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", newer)
+    monkeypatch.setattr(
+        schema, "RUN_COLUMNS", (*R.RUN_COLUMNS, R.Column("gpu_name", "text", "accelerator", since=newer))
+    )
     store = RunStore(tmp_path)
     assert _sql(tmp_path, "PRAGMA user_version") == [(newer,)]
     assert "gpu_name" in [row[1] for row in _sql(tmp_path, "PRAGMA table_info(runs)")]

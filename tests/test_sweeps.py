@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from core import jobs, sweeps
-from core.__main__ import _sweep_spec, build_parser, main
+from core.cli import build_parser, main
+from core.cli.sweep import sweep_spec
 from core.experiment import experiment_record
 from core.runs import RunStore
 from tests.test_jobs import until
@@ -43,7 +44,7 @@ rank = 8
 
 
 def flag_spec(*argv: str) -> sweeps.SweepSpec:
-    return _sweep_spec(build_parser().parse_args(["sweep", "run", *argv]))
+    return sweep_spec(build_parser().parse_args(["sweep", "run", *argv]))
 
 
 def tiny_spec(methods: list[str], seeds: str = "0", steps: int = 5) -> sweeps.SweepSpec:

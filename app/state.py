@@ -12,7 +12,6 @@ loading the adapter).
 from __future__ import annotations
 
 import tempfile
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -180,30 +179,9 @@ def may_cancel(run: Mapping[str, Any], started_here: bool) -> bool:
 
 @st.cache_resource(show_spinner="Starting Ray (once per server)...")
 def _connected() -> str:
-    """Connect this server to Ray (`core.jobs.connect`) from a thread that lives as long as the server, and return
-    the cluster's address.
-
-    Ray's local processes are started with Linux's parent-death signal, which kills them when the *thread* that
-    started them ends, and Streamlit runs every script run in a thread of its own: an embedded Ray started from a
-    page would die as soon as that run finished, with the first job.
-    """
-    done = threading.Event()
-    outcome: dict[str, Any] = {}
-
-    def keep() -> None:
-        try:
-            outcome["address"] = jobs.connect()
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller below
-            outcome["error"] = exc
-        done.set()
-        if "address" in outcome:
-            threading.Event().wait()  # stay alive: Ray's processes live as long as this thread
-
-    threading.Thread(target=keep, name="petlab-ray", daemon=True).start()
-    done.wait()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["address"]
+    """Connect this server to Ray (`core.jobs.connect`, which starts it from a thread that lives as long as the
+    server) and return the cluster's address."""
+    return jobs.connect()
 
 
 def remember(key: str, run_id: str) -> None:

@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -41,9 +42,6 @@ if TYPE_CHECKING:
 
 ADDRESS_ENV = "PETLAB_RAY_ADDRESS"
 NAMESPACE = "petlab"
-WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
-"""Environment of every worker process. Passive OpenMP threads sleep instead of spinning while they wait, so a
-fine-tune does not fight other work on a loaded machine (bench/bench_jobs.py measures the effect)."""
 POLL_S = 0.5
 """How often the manager looks for finished or dead workers and for cancelled queued jobs."""
 
@@ -57,6 +55,10 @@ _connect_lock = threading.Lock()
 def connect(address: str | None = None, num_cpus: int | None = None, persistent: bool = False) -> str:
     """Connect this process to Ray once; later calls return at once. Returns the cluster's address.
 
+    Ray is started from a thread that lives as long as this process: Ray's local processes get Linux's
+    parent-death signal, which kills them when the *thread* that started them ends, and callers such as Streamlit
+    run each script run in a thread of its own.
+
     Args:
         address: An existing cluster (``HOST:PORT`` of ``ray start --head``, or ``auto`` for the one running on
             this machine); None means ``$PETLAB_RAY_ADDRESS``, and when that is unset an embedded local Ray that
@@ -65,30 +67,58 @@ def connect(address: str | None = None, num_cpus: int | None = None, persistent:
         persistent: With no address, use a local cluster that outlives this process (jobs that must go on after
             the command returns): the one running on this machine, else one started with ``ray start --head``.
     """
+    global _connecting
+    with _connect_lock:  # once connected, the same future; after ``ray.shutdown`` a call connects afresh
+        if _connecting is None or (_connecting.done() and (_connecting.exception() or not _ray_initialized())):
+            _connecting = Future()
+            arguments = (_connecting, address, num_cpus, persistent)
+            threading.Thread(target=_connect_and_stay, args=arguments, name="petlab-ray", daemon=True).start()
+        connecting = _connecting
+    return connecting.result()
+
+
+_connecting: Future[str] | None = None
+
+
+def _ray_initialized() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
+def _connect_and_stay(outcome: Future[str], address: str | None, num_cpus: int | None, persistent: bool) -> None:
+    """Connect (see `connect`), hand the address to ``outcome``, and stay alive while the process lives."""
+    try:
+        outcome.set_result(_connect(address, num_cpus, persistent))
+    except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+        outcome.set_exception(exc)
+        return
+    threading.Event().wait()  # Ray's local processes live as long as this thread
+
+
+def _connect(address: str | None, num_cpus: int | None, persistent: bool) -> str:
     if address or os.environ.get(ADDRESS_ENV) or persistent:
         _send_token_if_any()  # before Ray is imported: it reads the mode then
     import ray
 
-    with _connect_lock:
-        if ray.is_initialized():
-            return ray.get_runtime_context().gcs_address
-        address = address or os.environ.get(ADDRESS_ENV) or None
-        quiet = dict(logging_level=logging.ERROR, log_to_driver=False, namespace=NAMESPACE)
-        cpus = num_cpus or os.cpu_count() or 1
-        if address is None and persistent:
-            try:
-                ray.init(address="auto", **quiet)
-            except ConnectionError:
-                _start_local_cluster(cpus)
-                ray.init(address="auto", **quiet)
-            _connection["cluster"] = True
-        elif address:
-            ray.init(address=address, **quiet)
-            _connection["cluster"] = True
-        else:  # "local" starts a new Ray even if another one runs on this machine
-            os.environ.update(WORKER_ENV)  # its workers inherit it (this process trains nothing)
-            ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
+    if ray.is_initialized():
         return ray.get_runtime_context().gcs_address
+    address = address or os.environ.get(ADDRESS_ENV) or None
+    quiet = dict(logging_level=logging.ERROR, log_to_driver=False, namespace=NAMESPACE)
+    cpus = num_cpus or os.cpu_count() or 1
+    if address is None and persistent:
+        try:
+            ray.init(address="auto", **quiet)
+        except ConnectionError:
+            _start_local_cluster(cpus)
+            ray.init(address="auto", **quiet)
+        _connection["cluster"] = True
+    elif address:
+        ray.init(address=address, **quiet)
+        _connection["cluster"] = True
+    else:  # "local" starts a new Ray even if another one runs on this machine
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
+    return ray.get_runtime_context().gcs_address
 
 
 def _send_token_if_any() -> None:
@@ -151,11 +181,8 @@ def default_resources(device: str = "auto") -> Resources:
 class _Manager:
     """The run store's writer for Ray work (a Ray actor; see the module docstring)."""
 
-    def __init__(self, root: str, cluster: bool) -> None:
+    def __init__(self, root: str) -> None:
         self.store = RunStore(root)
-        # The embedded Ray's workers inherit WORKER_ENV from this process (see `connect`) and start with it; a
-        # cluster's get it through a runtime environment (their own pool of workers, started on first use).
-        self.runtime_env = {"env_vars": WORKER_ENV} if cluster else None
         self.pending: dict[str, Any] = {}  # run id -> the ObjectRef of its Ray task
         self.lock = threading.Lock()
         threading.Thread(target=self._watch, name="petlab-job-watch", daemon=True).start()
@@ -172,7 +199,6 @@ class _Manager:
             num_cpus=resources.get("CPU", 1.0),
             num_gpus=resources.get("GPU", 0.0),
             max_retries=0,
-            runtime_env=self.runtime_env,
             name=f"petlab-{kind}-{run_id}",
         )
         with self.lock:
@@ -243,7 +269,7 @@ def manager(root: Path | str | None = None, address: str | None = None, persiste
     )
     if on_cluster():
         options["lifetime"] = "detached"  # jobs on a cluster outlive the app or command that started them
-    handle = ray.remote(_Manager).options(**options).remote(folder, on_cluster())
+    handle = ray.remote(_Manager).options(**options).remote(folder)
     ray.get(handle.ping.remote())
     _managers[folder] = handle  # an embedded Ray's manager lives while a handle does: keep one for the process
     return handle

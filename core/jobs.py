@@ -288,7 +288,11 @@ def forget_managers() -> None:
 # 3. The worker
 # ----------------------------------------------------------------------------------------------------------------
 class RemoteStore:
-    """What a worker sees of the run store: each write goes to the job manager, which owns the store."""
+    """What a worker sees of the run store: each write goes to the job manager, which owns the store.
+
+    Progress (``log_metrics``, ``update_run``) is written behind: the call is sent and training goes on, without
+    waiting a round trip to the manager each time. One such write is in flight at a time, and every other call
+    waits for it first, so writes stay in order and a failed one raises at the next call."""
 
     FORWARDED = frozenset(
         {
@@ -302,14 +306,28 @@ class RemoteStore:
             "get_run",
         }
     )
+    WRITTEN_BEHIND = frozenset({"log_metrics", "update_run"})
 
     def __init__(self, handle: Any) -> None:
         self.handle = handle
+        self.in_flight: Any = None  # the future of the write sent last, if it was written behind
 
     def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        """Call the manager and wait for its answer without ``ray.get``: a task blocked in ``ray.get`` or
-        ``ray.wait`` lends its CPUs back to Ray, which would start a queued job beside this one."""
+        """Call the manager; wait for its answer unless ``name`` is written behind."""
+        previous, self.in_flight = self.in_flight, None
+        self._wait(previous)  # the previous write first: in order, and its failure raises here (once)
         answer = self.handle.store_call.remote(name, *args, **kwargs).future()
+        if name in self.WRITTEN_BEHIND:
+            self.in_flight = answer
+            return None
+        return self._wait(answer)
+
+    @staticmethod
+    def _wait(answer: Any) -> Any:
+        """An answer, waited for without ``ray.get``: a task blocked in ``ray.get`` or ``ray.wait`` lends its
+        CPUs back to Ray, which would start a queued job beside this one."""
+        if answer is None:
+            return None
         while not answer.done():
             time.sleep(0.002)
         return answer.result()

@@ -54,6 +54,20 @@ def until(predicate, timeout: float = 120.0, what: str = "condition"):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def test_a_workers_progress_is_written_behind_in_order_and_a_failed_write_raises_once(store: RunStore) -> None:
+    run_id = store.create_run({"method": "fact"})
+    remote = jobs.RemoteStore(jobs.manager(store.root))  # what a worker writes through, on the real manager
+    for step in range(1, 41):
+        assert remote.log_metrics(run_id, [{"step": step, "split": "train", "name": "loss", "value": 1 / step}]) is None
+        remote.update_run(run_id, steps=step)
+    assert remote.get_run(run_id)["steps"] == 40  # the writes before it arrived, the last one last
+    assert list(store.metrics(run_id)["step"]) == list(range(1, 41))
+    remote.log_metrics(run_id, [{"step": 41, "split": "train", "name": "loss"}])  # no value: refused by the store
+    with pytest.raises(ValueError, match="value"):
+        remote.get_run(run_id)  # the next call reports the refused write
+    assert remote.get_run(run_id)["steps"] == 40 and len(store.metrics(run_id)) == 40  # reported once, nothing kept
+
+
 def test_two_jobs_on_a_two_cpu_reservation_run_one_at_a_time(store: RunStore) -> None:
     first = jobs.submit("finetune", tiny_experiment(steps=60), store.root, resources=TWO_CPUS)
     second = jobs.submit("finetune", tiny_experiment(steps=20), store.root, resources=TWO_CPUS)

@@ -13,9 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from core.runs import RunStore
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing it
+
+from core.runs import RunStore  # noqa: E402
 
 
 def run(home: Path, *args: str) -> tuple[float, dict]:

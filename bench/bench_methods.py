@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import peft
 import torch
@@ -35,8 +36,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
-from core import methods
-from core.backbone import BackboneSpec, build_backbone
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing it
+
+from core import methods  # noqa: E402
+from core.backbone import BackboneSpec, build_backbone  # noqa: E402
 
 FLOOR, PEFT_LORA, FULL = "floor (frozen, token shift)", "PEFT LoRA r8 (qkv)", "full"
 PRETRAINED = "pretrained"

@@ -1,5 +1,5 @@
 """The default demo, measured: ``python -m core train`` (FacT-TT on mnist5k, offline DINOv2-S at 112 px) against a
-linear probe on the same data and splits. Target: under 3 minutes on 2 CPU cores, test accuracy above the probe's.
+linear probe on the same data and splits. Target: under 2 minutes on 2 CPU cores, test accuracy above the probe's.
 
 Runs both through the real command line in a temporary run store and prints wall times (whole process) and
 test accuracies. Run: ``python bench/bench_default_train.py``.

@@ -54,12 +54,13 @@ class Experiment:
         return dataclasses.replace(self.backbone, img_size=self.data.img_size, num_classes=num_classes)
 
 
-# The default demo of the CLI and the app (bench/bench_default_train.py measures its time).
+# The default demo of the CLI and the app: under 2 minutes on 2 cores through the embedded Ray, its test accuracy
+# above the converged linear probe's (bench/bench_default_train.py measures both).
 DEMO = Experiment(
     data=DataSpec(name="mnist5k", img_size=112, n_train=2000, n_val=200, n_test=1000),
     method="fact",
     options={"variant": "tt", "rank": 8, "scale": 1.0},
-    train=TrainConfig(steps=150, batch_size=16, lr=5e-3, warmup_steps=10, eval_every=75),
+    train=TrainConfig(steps=120, batch_size=16, lr=5e-3, warmup_steps=10, eval_every=60),
 )
 
 

@@ -22,6 +22,7 @@ one stops before its next training step.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -42,6 +43,9 @@ if TYPE_CHECKING:
 
 ADDRESS_ENV = "PETLAB_RAY_ADDRESS"
 NAMESPACE = "petlab"
+SYSTEM_CONFIG = {"worker_niceness": 0}
+"""Settings of a Ray started here. Ray runs its workers at niceness 15 by default: a fine-tune the user waits for
+would then get almost no CPU beside any other busy process (a browser, the app, another engineer's tests)."""
 POLL_S = 0.5
 """How often the manager looks for finished or dead workers and for cancelled queued jobs."""
 
@@ -117,7 +121,7 @@ def _connect(address: str | None, num_cpus: int | None, persistent: bool) -> str
         ray.init(address=address, **quiet)
         _connection["cluster"] = True
     else:  # "local" starts a new Ray even if another one runs on this machine
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, _system_config=SYSTEM_CONFIG, **quiet)
     return ray.get_runtime_context().gcs_address
 
 
@@ -133,7 +137,7 @@ def _send_token_if_any() -> None:
 def _start_local_cluster(num_cpus: int) -> None:
     """``ray start --head`` on this machine: a Ray that runs until ``ray stop``."""
     command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--num-cpus={num_cpus}"]
-    command += ["--include-dashboard=false", "--disable-usage-stats"]
+    command += ["--include-dashboard=false", "--disable-usage-stats", f"--system-config={json.dumps(SYSTEM_CONFIG)}"]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"could not start a local Ray cluster ({' '.join(command)}):\n{done.stderr[-2000:]}")

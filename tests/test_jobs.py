@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 
 from core import jobs
@@ -92,6 +93,8 @@ def test_cancel_a_queued_and_a_running_job(store: RunStore) -> None:
     )
     queued = jobs.submit("finetune", tiny_experiment(steps=20), store.root, resources=TWO_CPUS)
     until(lambda: (store.get_run(running)["steps"] or 0) >= 10, what="the first job to train 10 steps")
+    # at the priority of the process that started Ray, not Ray's default niceness 15 for workers
+    assert psutil.Process(store.get_run(running)["pid"]).nice() == psutil.Process().nice()
     assert store.request_cancel(queued) == "cancelled"
     assert store.request_cancel(running) == "running"
     run = jobs.wait(store, running, timeout=60)

@@ -58,8 +58,7 @@ def phases(command: list[str], home: str) -> dict[str, float]:
     from core.runs import RunStore
 
     start = time.time()
-    subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
-    end = time.time()
+    end = start + timed(command)
     store = RunStore(home)
     metrics = store.metrics(str(store.list_runs()["id"].iloc[0]))
     steps = metrics[metrics["split"].eq("train") & metrics["name"].eq("images_per_s")].sort_values("step")

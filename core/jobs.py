@@ -21,10 +21,12 @@ one stops before its next training step.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -189,16 +191,20 @@ class _Manager:
         self.store = RunStore(root)
         self.pending: dict[str, Any] = {}  # run id -> the ObjectRef of its Ray task
         self.lock = threading.Lock()
+        self.warmed = _warm_task().remote()  # an idle worker imports the training stack before the first job
         threading.Thread(target=self._watch, name="petlab-job-watch", daemon=True).start()
 
     def ping(self) -> str:
         return str(self.store.root)
 
-    def submit(self, kind: str, job: dict[str, Any], record: dict[str, Any], resources: dict[str, float]) -> str:
-        """Record the job ``queued`` and hand it to Ray; returns the run id at once."""
+    def submit(self, kind: str, job: bytes, record: dict[str, Any], resources: dict[str, float]) -> str:
+        """Record the job ``queued`` and hand it to Ray; returns the run id at once. ``job`` stays pickled here:
+        unpickling it would import torch into the manager."""
         import ray
 
         run_id = self.store.create_run({**record, "kind": kind, "resources": resources}, status="queued")
+        # While the warm-up runs, a job waits for it (an argument) and then takes its worker, already warm.
+        warm = [] if ray.wait([self.warmed], timeout=0)[0] else [self.warmed]
         task = _execute_task().options(
             num_cpus=resources.get("CPU", 1.0),
             num_gpus=resources.get("GPU", 0.0),
@@ -206,7 +212,7 @@ class _Manager:
             name=f"petlab-{kind}-{run_id}",
         )
         with self.lock:
-            self.pending[run_id] = task.remote(kind, job, run_id, ray.get_runtime_context().current_actor)
+            self.pending[run_id] = task.remote(kind, job, run_id, ray.get_runtime_context().current_actor, *warm)
         return run_id
 
     def store_call(self, name: str, *args: Any, **kwargs: Any) -> Any:
@@ -348,13 +354,15 @@ class RemoteStore:
         return lambda *args, **kwargs: self._call(name, *args, **kwargs)
 
 
-def _execute(kind: str, job: dict[str, Any], run_id: str, handle: Any) -> None:
-    """A Ray task: run one job, with the worker's torch threads set to the CPUs it reserved."""
+def _execute(kind: str, job: bytes, run_id: str, handle: Any, warmed: None = None) -> None:
+    """A Ray task: run one job (``{"spec": ..., "data_root": ...}`` pickled), with the worker's torch threads set
+    to the CPUs it reserved. ``warmed`` is the manager's warm-up, finished before the task starts."""
     import ray
     import torch
 
     from core import experiment
 
+    job = pickle.loads(job)
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
     torch.set_num_threads(max(1, int(cpus)))
     store = RemoteStore(handle)
@@ -366,17 +374,32 @@ def _execute(kind: str, job: dict[str, Any], run_id: str, handle: Any) -> None:
     run(job["spec"], store, data_root=job["data_root"], run_id=run_id)
 
 
-_remote_execute: Any = None
+def _warm_up() -> None:
+    """A Ray task on no CPU: import what a job needs (torch, timm, the methods), so the worker Ray gives the first
+    job next has done it while the caller was still checking the job's options."""
+    with contextlib.suppress(Exception):  # the job itself reports what fails to import
+        import core.experiment  # noqa: F401
+
+
+_remote: dict[str, Any] = {}
 
 
 def _execute_task() -> Any:
     """`_execute` as a Ray remote function (made once per process, after Ray is imported)."""
     import ray
 
-    global _remote_execute
-    if _remote_execute is None:
-        _remote_execute = ray.remote(_execute)
-    return _remote_execute
+    if "execute" not in _remote:
+        _remote["execute"] = ray.remote(_execute)
+    return _remote["execute"]
+
+
+def _warm_task() -> Any:
+    """`_warm_up` as a Ray remote function on no CPU."""
+    import ray
+
+    if "warm" not in _remote:
+        _remote["warm"] = ray.remote(num_cpus=0, max_retries=0)(_warm_up)
+    return _remote["warm"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -427,7 +450,7 @@ def submit(
         raise ValueError(f"a job is a 'finetune' or an 'intrinsic_dim' measurement, not {kind!r}")
     handle = manager(root, address, persistent)
     reserved = (resources or default_resources(device)).resolved()
-    job = {"spec": spec, "data_root": data_root}
+    job = pickle.dumps({"spec": spec, "data_root": data_root})  # unpickled by the worker only
     record = {**record, "owner": owner, "sweep_id": sweep_id}
     import ray  # once `manager` has connected
 

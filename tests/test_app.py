@@ -536,11 +536,11 @@ def test_store_logger_shows_the_first_steps_at_once() -> None:
     class Store:
         def __init__(self) -> None:
             self.steps: list[int] = []
+            self.progress: list[int | None] = []
 
-        def log_metrics(self, run_id: str, rows: list[dict]) -> None:
+        def log_metrics(self, run_id: str, rows: list[dict], steps: int | None = None) -> None:
             self.steps += sorted({r["step"] for r in rows})
-
-        def update_run(self, run_id: str, **fields: object) -> None: ...
+            self.progress.append(steps)
 
     from core.train import StepInfo
 
@@ -549,6 +549,7 @@ def test_store_logger_shows_the_first_steps_at_once() -> None:
     for step in range(1, 12):
         logger.on_step(StepInfo(step=step, total=20, loss=1.0, lr=0.1, images_per_s=1.0))
     assert store.steps == [1, *range(2, 11)]  # step 1 at once, then the batch of ten
+    assert store.progress == [1, 10]  # the step reached goes with each batch, in the same write
 
 
 def test_pareto_colours_and_labels_runs_by_method_and_names_references_on_demand() -> None:

@@ -213,7 +213,8 @@ def test_metrics_round_trip_in_batches(tmp_path: Path) -> None:
     rows[7]["value"] = math.nan  # a diverging loss is recorded, not dropped
     rows.append(dict(step=9, epoch=2, split="val", name="acc", value=0.75, time=1.5e9))
     for start in range(0, len(rows), 4):
-        store.log_metrics(run_id[:12], rows[start : start + 4])
+        store.log_metrics(run_id[:12], rows[start : start + 4], steps=start + 4)
+    assert store.get_run(run_id)["steps"] == 12  # the progress of the last batch, written with it
 
     frame = store.metrics(run_id)
     assert list(frame.columns) == ["step", "epoch", "split", "name", "value", "time"]
@@ -234,7 +235,10 @@ def test_metrics_round_trip_in_batches(tmp_path: Path) -> None:
         store.log_metrics(run_id, [dict(step=1.5, split="train", name="loss", value=1.0)])
     with pytest.raises(ValueError, match="non-empty strings"):
         store.log_metrics(run_id, [dict(step=1, split="", name="loss", value=1.0)])
+    with pytest.raises(ValueError, match="steps"):
+        store.log_metrics(run_id, [dict(step=13, split="train", name="loss", value=1.0)], steps="thirteen")
     assert len(store.metrics(run_id)) == 11  # a bad batch inserts nothing
+    assert store.get_run(run_id)["steps"] == 12
     assert len(store.metrics(store.create_run({}))) == 0
 
 

@@ -264,7 +264,7 @@ class RunStore(RunStoreBase):
         with self._write() as conn:
             self._touch(conn, self._resolve(conn, run_id))
 
-    def log_metrics(self, run_id: str, rows: Iterable[Mapping[str, Any]]) -> None:
+    def log_metrics(self, run_id: str, rows: Iterable[Mapping[str, Any]], steps: int | None = None) -> None:
         """Append metric rows in one transaction and refresh the heartbeat.
 
         Args:
@@ -272,18 +272,24 @@ class RunStore(RunStoreBase):
             rows: Dicts with ``step`` (int), ``split`` (e.g. train / val / test), ``name`` (e.g. loss / acc / lr),
                 ``value`` (float; NaN is kept, it reads back as NaN), optionally ``epoch`` (may be fractional)
                 and ``time`` (unix seconds; default now).
+            steps: The run's progress, its ``steps`` field, set in the same transaction (a training loop's one
+                write per batch of metrics). Unlike `update_run`, this does not rewrite the run's record file,
+                which its next `update_run` or `finish_run` brings up to date.
 
         Raises:
             ValueError: a row with missing or unknown keys, or values of the wrong type.
         """
         now = time.time()
         records = [schema.metric_record(index, row, now) for index, row in enumerate(rows)]
+        progress = {} if steps is None else self._fields({"steps": steps}, "log_metrics")
         with self._write() as conn:
             run_id = self._resolve(conn, run_id)
             conn.executemany(
                 "INSERT INTO metrics (run_id, step, epoch, split, name, value, time) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(run_id, *record) for record in records],
             )
+            if progress:
+                conn.execute("UPDATE runs SET steps = ? WHERE id = ?", (progress["steps"], run_id))
             self._touch(conn, run_id)
 
     def write_adapter(self, run_id: str, data: bytes) -> Path:

@@ -262,12 +262,17 @@ def manager(root: Path | str | None = None, address: str | None = None, persiste
     """The job manager of the run store under ``root`` (created on this node on first use), connecting first
     (`connect`'s arguments)."""
     connect(address, persistent=persistent)
+    folder = str(Path(root).expanduser().resolve() if root is not None else default_root().resolve())
+    with _manager_lock:  # one creation at a time: `prepare`'s thread may be creating this very manager
+        if folder not in _managers:
+            _managers[folder] = _create_manager(folder)
+        return _managers[folder]
+
+
+def _create_manager(folder: str) -> Any:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    folder = str(Path(root).expanduser().resolve() if root is not None else default_root().resolve())
-    if folder in _managers:
-        return _managers[folder]
     name = "petlab-jobs-" + hashlib.sha1(f"{socket.gethostname()}:{folder}".encode()).hexdigest()[:16]
     options: dict[str, Any] = dict(
         name=name,
@@ -281,11 +286,26 @@ def manager(root: Path | str | None = None, address: str | None = None, persiste
         options["lifetime"] = "detached"  # jobs on a cluster outlive the app or command that started them
     handle = ray.remote(_Manager).options(**options).remote(folder)
     ray.get(handle.ping.remote())
-    _managers[folder] = handle  # an embedded Ray's manager lives while a handle does: keep one for the process
     return handle
 
 
 _managers: dict[str, Any] = {}
+"""This process's manager handles by store folder: an embedded Ray's manager lives while a handle does."""
+_manager_lock = threading.Lock()
+
+
+def prepare(root: Path | str | None = None, address: str | None = None, persistent: bool = False) -> None:
+    """Start connecting and the store's job manager (`manager`'s arguments) in the background, and return at once.
+
+    A command that is going to submit a job calls this first: Ray starts, and the manager's warm-up imports the
+    training stack in a worker, while the command itself imports torch and checks the job's options. A failure
+    here is left to the `submit` that follows, which tries again and reports it."""
+
+    def run() -> None:
+        with contextlib.suppress(Exception):
+            manager(root, address, persistent)
+
+    threading.Thread(target=run, name="petlab-prepare", daemon=True).start()
 
 
 def forget_managers() -> None:

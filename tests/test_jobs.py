@@ -214,3 +214,37 @@ def test_command_line_intrinsic_dimension_is_recorded(store: RunStore, tmp_path:
     result = store.get_run(measurement)["result"]
     assert json.loads((tmp_path / "out" / "result.json").read_text())["run_id"] == measurement
     assert len(pd.read_csv(tmp_path / "out" / "curves.csv")) == len(result["curves"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "prepared"),
+    [
+        (["train"], [(None, None)]),
+        (["--home", "/tmp/h", "--address", "auto", "train", "--steps", "3", "lora"], [(Path("/tmp/h"), "auto")]),
+        (["intrinsic-dim", "--dataset", "digits"], [(None, None)]),
+        (["sweep", "run", "--grid", "g.toml"], [(None, None)]),
+        (["sweep", "resume", "sweep-1"], [(None, None)]),
+        (["train", "--detach"], []),  # may start a lasting local Ray: only once the options are checked
+        (["train", "lora", "--help"], []),
+        (["sweep", "run", "--grid", "g.toml", "--dry-run"], []),
+        (["sweep", "list"], []),
+        (["runs", "wait", "abc"], []),
+        (["--home"], []),  # malformed: the full parser says what is wrong
+    ],
+)
+def test_command_line_starts_ray_before_importing_torch_for_job_commands(argv, prepared, monkeypatch) -> None:
+    """`python -m core` starts Ray and the job manager (`jobs.prepare`) before the command's modules import torch,
+    for the commands that submit a job and follow it, and for no others."""
+    import core.cli
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(jobs, "prepare", lambda root=None, address=None: calls.append((root, address)))
+    core.cli._prepare_jobs(argv)
+    assert calls == prepared
+
+
+def test_command_line_module_imports_neither_torch_nor_timm() -> None:
+    """So that Ray starts while they import (above); the command modules import them once the parser is built."""
+    code = "import sys, core.cli; print(sorted(m for m in ('torch', 'timm', 'ray') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

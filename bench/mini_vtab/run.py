@@ -39,6 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # run from a checkout without installing it
 
 from core import sweeps  # noqa: E402
+from core.jobs import Resources  # noqa: E402
 from core.runs import RunStore  # noqa: E402
 
 GRID = HERE / "grid.toml"
@@ -107,13 +108,22 @@ def grid_spec(grid: dict[str, Any], choice: dict[str, float]) -> sweeps.SweepSpe
     return sweeps.SweepSpec.from_dict(raw)
 
 
-def run_sweep(spec: sweeps.SweepSpec, store: RunStore, deadline: float | None, address: str | None) -> bool:
-    """Submit (or resume) the sweep named like ``spec`` and follow it; True once every point has its result."""
+def run_sweep(
+    spec: sweeps.SweepSpec, store: RunStore, deadline: float | None, address: str | None, cpus: int | None
+) -> bool:
+    """Submit (or resume) the sweep named like ``spec`` and follow it, each point reserving ``cpus`` CPUs (its torch
+    threads; None: a whole node's); True once every point has its result."""
     named = [s for s in sweeps.list_sweeps(store.root) if s.name == spec.name]
     points = sweeps.check_points(spec)
     guess = sweeps.estimate(points, store)
     print(f"{spec.name}: {len(points)} points, about {guess.total_s / 60:.0f} min ({guess.basis})", flush=True)
-    sweep_id = sweeps.submit_sweep(spec, store.root, sweep_id=named[0].id if named else None, address=address)
+    sweep_id = sweeps.submit_sweep(
+        spec,
+        store.root,
+        sweep_id=named[0].id if named else None,
+        address=address,
+        resources=None if cpus is None else Resources(cpus=cpus),
+    )
     submission = sweeps.load_sweep(store.root, sweep_id)["submissions"][-1]
     print(f"sweep {sweep_id}: {len(submission['submitted'])} submitted, {submission['skipped']} have results")
     seen: set[str] = set()
@@ -345,6 +355,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
     parser.add_argument("--img-size", type=int, default=None, help="image side (default: grid.toml's, 56)")
     parser.add_argument("--address", default=None, help="a Ray cluster (default: an embedded local Ray)")
+    parser.add_argument(
+        "--cpus-per-point",
+        type=int,
+        default=None,
+        help="CPUs (torch threads) each point reserves; 1 runs one point per core at once (default: all cores)",
+    )
     parser.add_argument("--stop-after", type=float, default=None, metavar="MINUTES", help="cancel after this long")
     parser.add_argument("--results-only", action="store_true", help="only write the results from the store")
     parser.add_argument("--out", type=Path, default=None, help="the results file (needed with other settings)")
@@ -366,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     running = not ns.results_only
     lr_spec = search_spec(grid, search)
     if not LR_CHOICE.is_file():
-        search_done = run_sweep(lr_spec, store, deadline, ns.address) if running else False
+        search_done = run_sweep(lr_spec, store, deadline, ns.address, ns.cpus_per_point) if running else False
         search_rows = point_rows(store, lr_spec, grid_points(lr_spec))
         search_rows.to_csv(HERE / "lr_search.csv", index=False, float_format="%.6g")
         if search_done or len(search_rows) == len(sweeps.check_points(lr_spec)):
@@ -377,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = grid_spec(grid, choice)
         stopped = deadline is not None and time.monotonic() > deadline
         if running and not stopped:
-            run_sweep(spec, store, deadline, ns.address)
+            run_sweep(spec, store, deadline, ns.address, ns.cpus_per_point)
         points = grid_points(spec)
         rows = point_rows(store, spec, points)
         search_state = "complete"

@@ -25,21 +25,27 @@ showing its progress) hold what they share.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sqlite3
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from core.cli import analysis, measure, runs, sweep, train
 from core.errors import PetlabError, storage_error
 
-GROUPS = (train, runs, measure, analysis, sweep)
-"""The command modules, in the order ``--help`` lists their commands; each has ``add_parsers`` and ``COMMANDS``."""
+GROUPS = ("train", "runs", "measure", "analysis", "sweep")
+"""The command modules of `core.cli`, in the order ``--help`` lists their commands; each has ``add_parsers`` and
+``COMMANDS``. They import torch, so `build_parser` imports them, not this module."""
 
-COMMANDS = {name: command for group in GROUPS for name, command in group.COMMANDS.items()}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+"""Every command's function by name, filled by `build_parser`."""
+
+SUBMITTING = {("train",), ("intrinsic-dim",), ("sweep", "run"), ("sweep", "resume")}
+"""The commands that submit Ray jobs: `main` starts Ray for them before the command's modules import torch."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,13 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
         "else an embedded local Ray that lives as long as the command)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    for group in GROUPS:
+    for name in GROUPS:
+        group = importlib.import_module(f"core.cli.{name}")
         group.add_parsers(commands)
+        for command, function in group.COMMANDS.items():
+            COMMANDS.setdefault(command, function)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every failure ends in one line on stderr, never a traceback (see the exit statuses above)."""
+    _prepare_jobs(sys.argv[1:] if argv is None else argv)
     ns = build_parser().parse_args(argv)
     try:
         return COMMANDS[ns.command](ns)
@@ -90,6 +100,29 @@ def main(argv: list[str] | None = None) -> int:
         first = str(exc).splitlines()[0] if str(exc) else ""
         print(f"error: unexpected {type(exc).__name__}: {first}; the full traceback is in {log}", file=sys.stderr)
         return 1
+
+
+def _prepare_jobs(argv: list[str]) -> None:
+    """For a command that will submit a job and follow it (`SUBMITTING`, not with ``--help``, ``--dry-run`` or
+    ``--detach``), start Ray and the
+    run store's job manager now (`core.jobs.prepare`), while the command imports torch and checks its options.
+    Only the options before the command are read here; the full parser checks everything afterwards."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--home", type=Path, default=None)
+    early.add_argument("--address", default=None)
+    early.add_argument("words", nargs=argparse.REMAINDER)
+    try:
+        ns, _ = early.parse_known_args(argv)
+    except SystemExit:  # a malformed line: the full parser says what is wrong
+        return
+    words = ns.words
+    if not ({tuple(words[:1]), tuple(words[:2])} & SUBMITTING) or {"-h", "--help", "--dry-run", "--detach"} & set(
+        words
+    ):
+        return  # a detached job may start a lasting local Ray: only once its options are known good
+    from core import jobs
+
+    jobs.prepare(ns.home, ns.address)
 
 
 def _home(ns: argparse.Namespace) -> Path:

@@ -50,7 +50,7 @@ ASSETS = HERE.parents[1] / "core" / "assets"
 DEFAULT_STORE = Path.home() / ".petlab-mini-vtab"
 COLUMNS = [
     "task", "method", "options", "name", "seed", "params_without_head", "params_with_head", "val_acc", "test_acc",
-    "wall_time_s", "device", "status", "img_size", "steps", "batch_size", "lr", "run_id",
+    "wall_time_s", "device", "cpus", "status", "img_size", "steps", "batch_size", "lr", "run_id",
 ]  # fmt: skip
 TITLES = {"fact": "FacT", "rlrr": "RLRR", "kadaptation": "KAdaptation", "lora": "LoRA", "adapter": "Adapter"}
 TITLES |= {"vpt": "VPT-deep", "bitfit": "BitFit", "ssf": "SSF", "linear": "Linear probe", "full": "Full fine-tuning"}
@@ -188,6 +188,7 @@ def point_rows(store: RunStore, spec: sweeps.SweepSpec, points: dict[str, tuple[
             "test_acc": run["test_acc"],
             "wall_time_s": run["wall_time_s"],
             "device": run["device"],
+            "cpus": (run["resources"] or {}).get("CPU"),  # CPUs reserved = torch threads (with no GPU)
             "status": run["status"],
             "img_size": run["dataset"]["img_size"],
             "steps": run["train_config"]["steps"],

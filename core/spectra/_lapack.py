@@ -10,7 +10,8 @@ ctypes cannot see a C prototype, so the fast path is taken only where it is know
 32-bit C ``int``, scipy built without 64-bit-integer BLAS, and each routine's published signature (the capsule's
 name, e.g. ``void (char *, int *, ..., __pyx_t_5scipy_6linalg_11cython_blas_d *, int *)``) exactly the argument
 types declared here. Anywhere else the same routines run through scipy's wrappers (``fast_path()`` is False
-and ``FALLBACK_REASON`` says why): same results, but one call at a time.
+and ``FALLBACK_REASON`` says why; the tridiagonal's eigenvectors by scipy's MRRR, there being no wrapper of
+dstedc): same results to rounding, but one call at a time.
 
 Every function takes float64 numpy arrays, checks shapes and layout, allocates its own outputs and raises
 ``numpy.linalg.LinAlgError`` on a LAPACK error code.

@@ -3,7 +3,8 @@
 Read in this order:
     1. Precision and orientation: what the Gram route resolves, and matrices turned so that the short side is last.
     2. Decompositions of one matrix (``singular_values``, ``decompose`` and ``MatrixSVD``).
-    3. Updates: low-rank detection and the tuned decomposition built on the pretrained one (``pair_spectra``).
+    3. Updates: low-rank detection, the pretrained basis, and the tuned decomposition built on the pretrained one
+       (``pair_spectra``).
     4. Threads: one matrix per core (``parallel_map``).
 
 How it is computed, and why (``bench/bench_spectra.py`` measures the choices on ViT-B's 72 matrices):
@@ -23,9 +24,16 @@ How it is computed, and why (``bench/bench_spectra.py`` measures the choices on 
   ||dW||_F) and factors it dW = L R^T; its values come from an r-column problem. The tuned Gram matrix is then
   the pretrained one plus a rank-2r term, so it is never formed from scratch: in the pretrained singular basis,
   when known, it is diag(S0^2) plus that term. A dW that is exactly zero reuses the pretrained decomposition.
+  That n x n problem is still reduced to tridiagonal form: solving it as 2r rank-one updates (secular equations)
+  costs more at ViT sizes, each one O(n^2) per iteration outside BLAS, against the reduction's 4/3 n^3 in BLAS.
+* The pretrained basis without the product that forms it. The report needs every right singular vector of W0
+  (intruders compare with all of them; the tuned problem is posed in them), but only applied to a few columns:
+  it keeps them as V0 = Q Z (Q the reflectors of the tridiagonal reduction, Z the tridiagonal's eigenvectors by
+  divide and conquer) and applies Q by its reflectors, skipping the 2 n^3 back-transformation of a full
+  eigen-decomposition (``PretrainedBasis``). ``decompose``, whose vectors are stored, forms them.
 * Pretrained decompositions are the same for every run on a backbone: ``decompose`` them once and pass them on
-  (the app keeps them per backbone in memory, ``core.spectra.cache`` on disk); they are about half the work of a
-  report. With full-rank updates (full fine-tuning) no shortcut applies.
+  (the app keeps them per backbone in memory, ``core.spectra.cache`` on disk); they are more than half the work
+  of a report. With full-rank updates (full fine-tuning) no shortcut applies.
 * Threads. Matrices are analysed on one thread per core (``torch.get_num_threads()``), each BLAS call
   single-threaded; the heavy LAPACK/BLAS calls go through ``core.spectra._lapack``, which releases the GIL. Only
   scipy's BLAS is used, never numpy's: with two OpenBLAS copies alternating, each one's idle threads spin
@@ -378,9 +386,6 @@ def _tuned_svd(a0: np.ndarray, d: np.ndarray, update: _Update, pre: _Pretrained,
     triangle one dsyr2k forms. In the pretrained basis V0, when known, A0^T A0 is diag(S0^2) and P, R become
     V0^T P, V0^T R; otherwise the pretrained Gram matrix is reused. Either way O(n^2 r) work replaces a new
     O(m n^2) product; an update without low rank gets A1^T A1 formed directly. Same eigenvalues either way.
-
-    A second reduction of the n x n matrix remains: solving diag(S0^2) + rank 2r as 2r rank-one secular equations
-    costs more than Householder tridiagonalisation at ViT sizes (n = 768, r = 8).
     """
     if update.factors is not None and (pre.basis is not None or pre.gram is not None):
         left, right = update.factors

@@ -1,10 +1,13 @@
 """Time ``core.spectra.spectra_report`` on random ViT-B-shaped weights with low-rank (LoRA-like) updates.
 
 Usage: python bench/bench_spectra.py [--repeats 3] [--depth 12] [--width 768] [--rank 8] [--threads 2]
+                                     [--against PATH]
 
 Every block contributes q, k, v, proj (width x width), fc1 (4 width x width) and fc2 (width x 4 width): 72
-matrices for ViT-B, each with a rank-``rank`` update. Prints the median wall time (time.perf_counter) of each
-mode over ``repeats`` runs; writes nothing.
+matrices for ViT-B, each with a rank-``rank`` update. Prints the median wall time (time.perf_counter) and process
+CPU time (time.process_time, all threads: less sensitive to other work on the machine) of each mode over
+``repeats`` runs; writes nothing. With ``--against PATH`` (another checkout's root) the two versions of
+``core.spectra`` run alternately, and the median of the per-round ratios (this / other) is printed too.
 
 Modes:
     values: singular values of W0, W1 and dW only (``with_vectors=False``), from scratch.
@@ -24,6 +27,7 @@ by running them alternately and reading the ratio.
 from __future__ import annotations
 
 import argparse
+import importlib
 import shutil
 import statistics
 import sys
@@ -31,11 +35,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from core.spectra import cached_decompositions, decompose, spectra_report  # noqa: E402
+import core.spectra  # noqa: E402
 
 
 def vit_updates(
@@ -60,13 +65,47 @@ def vit_updates(
     return out
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def spectra_from(root: Path) -> ModuleType:
+    """``core.spectra`` of another checkout, imported beside this one's (its modules are kept out of sys.modules)."""
+    ours = {name: sys.modules.pop(name) for name in list(sys.modules) if name == "core" or name.startswith("core.")}
+    sys.path.insert(0, str(root))
+    try:
+        return importlib.import_module("core.spectra")
+    finally:
+        sys.path.remove(str(root))
+        for name in [n for n in sys.modules if n == "core" or n.startswith("core.")]:
+            del sys.modules[name]
+        sys.modules.update(ours)
+
+
+def modes_of(
+    spectra: ModuleType, updates: dict, dense: dict, w0s: dict, folder: Path, depth: int, width: int
+) -> dict[str, Callable[[], object]]:
+    """Every mode timed, for one version of ``core.spectra`` (its own pretrained caches computed here)."""
+    cache = spectra.decompose(w0s, with_vectors=True, keep=0)
+    spectra.spectra_report(dict(list(updates.items())[:6]), with_vectors=True)  # warm-up: LAPACK and thread pools
+    backbone = {"name": f"random_vit_{depth}x{width}", "weights": "none"}
+    spectra.cached_decompositions(backbone, w0s, folder=folder)  # computed and written once
+    report = spectra.spectra_report
+    return {
+        "values": lambda: report(updates, with_vectors=False),
+        "vectors": lambda: report(updates, with_vectors=True),
+        "values, pretrained cached": lambda: report(updates, with_vectors=False, pretrained=cache),
+        "vectors, pretrained cached": lambda: report(updates, with_vectors=True, pretrained=cache),
+        "vectors, full-rank updates, cached": lambda: report(dense, with_vectors=True, pretrained=cache),
+        "decompose W0 (vectors)": lambda: spectra.decompose(w0s, with_vectors=True, keep=0),
+        "read the disk cache": lambda: spectra.cached_decompositions(backbone, w0s, folder=folder),
+        "vectors, disk cache": lambda: report(
+            updates, with_vectors=True, pretrained=spectra.cached_decompositions(backbone, w0s, folder=folder)
+        ),
+    }
 
 
 def main() -> None:
@@ -76,39 +115,47 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=768)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--against", type=Path, help="another checkout's root: time both versions alternately")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     updates = vit_updates(args.depth, args.width, args.rank)
     w0s = {name: w0 for name, (w0, _) in updates.items()}
-    cache = decompose(w0s, with_vectors=True, keep=0)
     g = torch.Generator().manual_seed(1)
     dense = {name: (w0, torch.randn(w0.shape, generator=g) * (0.01 / w0.shape[1] ** 0.5)) for name, w0 in w0s.items()}
-    spectra_report(dict(list(updates.items())[:6]), with_vectors=True)  # warm-up: LAPACK and thread pools
-    disk = Path(tempfile.mkdtemp(prefix="bench_spectra_"))
-    backbone = {"name": f"random_vit_{args.depth}x{args.width}", "weights": "none"}
-    cached_decompositions(backbone, w0s, folder=disk)  # computed and written once
-    modes: dict[str, Callable[[], object]] = {
-        "values": lambda: spectra_report(updates, with_vectors=False),
-        "vectors": lambda: spectra_report(updates, with_vectors=True),
-        "values, pretrained cached": lambda: spectra_report(updates, with_vectors=False, pretrained=cache),
-        "vectors, pretrained cached": lambda: spectra_report(updates, with_vectors=True, pretrained=cache),
-        "vectors, full-rank updates, cached": lambda: spectra_report(dense, with_vectors=True, pretrained=cache),
-        "decompose W0 (vectors)": lambda: decompose(w0s, with_vectors=True, keep=0),
-        "read the disk cache": lambda: cached_decompositions(backbone, w0s, folder=disk),
-        "vectors, disk cache": lambda: spectra_report(
-            updates, with_vectors=True, pretrained=cached_decompositions(backbone, w0s, folder=disk)
-        ),
-    }
+    versions = {"this": core.spectra} | ({} if args.against is None else {"other": spectra_from(args.against)})
+    folders = {name: Path(tempfile.mkdtemp(prefix=f"bench_spectra_{name}_")) for name in versions}
     print(
         f"spectra_report: {len(updates)} matrices (depth {args.depth}, width {args.width}), rank-{args.rank} "
         f"updates, {torch.get_num_threads()} threads, median of {args.repeats}"
+        + ("" if args.against is None else f"; this checkout and {args.against} alternately")
     )
     try:
-        for name, fn in modes.items():
-            print(f"  {name:<36s} {median_seconds(fn, args.repeats):7.3f} s")
+        modes = {
+            name: modes_of(spectra, updates, dense, w0s, folders[name], args.depth, args.width)
+            for name, spectra in versions.items()
+        }
+        for mode in modes["this"]:
+            times: dict[str, list[tuple[float, float]]] = {name: [] for name in versions}
+            for round_ in range(args.repeats):
+                order = list(versions) if round_ % 2 == 0 else list(reversed(versions))
+                for name in order:
+                    times[name].append(timed(modes[name][mode]))
+            line = f"  {mode:<36s}"
+            for name, pairs in times.items():
+                wall, cpu = (statistics.median(x) for x in zip(*pairs, strict=True))
+                line += f" {name}: {wall:7.3f} s wall {cpu:7.3f} s CPU"
+            if "other" in times:
+                ratio = [
+                    [t / o for t, o in zip(this, other, strict=True)]
+                    for this, other in zip(times["this"], times["other"], strict=True)
+                ]
+                wall_ratio, cpu_ratio = (statistics.median(x) for x in zip(*ratio, strict=True))
+                line += f" | this/other {wall_ratio:.3f} wall {cpu_ratio:.3f} CPU"
+            print(line)
     finally:
-        shutil.rmtree(disk, ignore_errors=True)
+        for folder in folders.values():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

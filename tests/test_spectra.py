@@ -28,7 +28,7 @@ from core.spectra import (
     weights_key,
 )
 from core.spectra import cache as spectra_cache
-from core.spectra.engine import eigh_descending
+from core.spectra.engine import PretrainedBasis, eigh_descending
 
 
 def orthonormal(rows: int, cols: int, seed: int) -> Tensor:
@@ -414,6 +414,32 @@ def test_tridiagonal_reduction_reproduces_the_matrix_and_its_eigenvalues(n: int,
     w, z = _lapack.eigh(np.tril(g))
     np.testing.assert_allclose(w, np.linalg.eigvalsh(g), atol=1e-11)
     np.testing.assert_allclose(z @ np.diag(w) @ z.T, g, atol=1e-11)
+    np.testing.assert_allclose(tri.apply_q(np.eye(n), transpose=True), q.T, atol=1e-12)
+    w, z = tri.eigenvectors()  # of T, by divide and conquer (the fast path) or MRRR (scipy's eigh_tridiagonal)
+    np.testing.assert_allclose(w, np.linalg.eigvalsh(g), atol=1e-11)
+    np.testing.assert_allclose(z.T @ z, np.eye(n), atol=1e-12)
+    np.testing.assert_allclose(t @ z, z * w, atol=1e-11)
+
+
+@pytest.mark.parametrize("n", [1, 40])
+def test_a_basis_kept_as_its_reduction_acts_as_the_explicit_one(n: int, lapack_path: str) -> None:
+    """V0 = Q Z applied through Q's reflectors equals numpy's eigenvectors, up to each column's sign."""
+    rng = np.random.default_rng(n)
+    a = rng.standard_normal((n + 7, n))
+    g = a.T @ a
+    tri = _lapack.Tridiagonal(np.tril(g))
+    z = tri.eigenvectors()[1][:, ::-1]  # descending, as the engine keeps them
+    implicit = PretrainedBasis(reduction=(tri, np.asfortranarray(z)))
+    explicit = PretrainedBasis(explicit=np.linalg.eigh(g)[1][:, ::-1].copy())
+    x, y = rng.standard_normal((n, 3)), rng.standard_normal((n, 2))
+    v = implicit.vectors(np.eye(n))
+    np.testing.assert_allclose(np.abs(v.T @ explicit.vectors(np.eye(n))), np.eye(n), atol=1e-8)
+    np.testing.assert_allclose(implicit.coordinates(x), v.T @ x, atol=1e-12)
+    np.testing.assert_allclose(implicit.vectors(implicit.coordinates(x)), x, atol=1e-12)
+    k = min(n, 2)
+    for basis in (implicit, explicit):
+        both = basis.vectors(y, leading=k)
+        np.testing.assert_allclose(both, np.hstack([basis.vectors(np.eye(n)[:, :k]), basis.vectors(y)]), atol=1e-12)
 
 
 @pytest.mark.parametrize("vectors", [0, 1, 6, 30, 64])

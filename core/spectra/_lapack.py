@@ -10,7 +10,8 @@ ctypes cannot see a C prototype, so the fast path is taken only where it is know
 32-bit C ``int``, scipy built without 64-bit-integer BLAS, and each routine's published signature (the capsule's
 name, e.g. ``void (char *, int *, ..., __pyx_t_5scipy_6linalg_11cython_blas_d *, int *)``) exactly the argument
 types declared here. Anywhere else the same routines run through scipy's wrappers (``fast_path()`` is False
-and ``FALLBACK_REASON`` says why): same results, but one call at a time.
+and ``FALLBACK_REASON`` says why; the tridiagonal's eigenvectors by scipy's MRRR, there being no wrapper of
+dstedc): same results to rounding, but one call at a time.
 
 Every function takes float64 numpy arrays, checks shapes and layout, allocates its own outputs and raises
 ``numpy.linalg.LinAlgError`` on a LAPACK error code.
@@ -53,6 +54,7 @@ _ROUTINE_ARGUMENTS: dict[str, tuple[str, tuple[object, ...]]] = {
     "dsyr2k": ("blas", (_CHAR, _CHAR, _INT, _INT, _DOUBLE, _ARRAY, _INT, _ARRAY, _INT, _DOUBLE, _ARRAY, _INT)),
     "dsytrd": ("lapack", (_CHAR, _INT, _ARRAY, _INT, _ARRAY, _ARRAY, _ARRAY, _ARRAY, _INT, _INT)),
     "dsterf": ("lapack", (_INT, _ARRAY, _ARRAY, _INT)),
+    "dstedc": ("lapack", (_CHAR, _INT, _ARRAY, _ARRAY, _ARRAY, _INT, _ARRAY, _INT, _IntArray, _INT, _INT)),
     "dormqr": ("lapack", (_CHAR, _CHAR, _INT, _INT, _INT, _ARRAY, _INT, _ARRAY, _ARRAY, _INT, _ARRAY, _INT, _INT)),
     "dsyevd": ("lapack", (_CHAR, _CHAR, _INT, _ARRAY, _INT, _ARRAY, _ARRAY, _INT, _IntArray, _INT, _INT)),
 }
@@ -64,6 +66,7 @@ class _Routines(NamedTuple):
     dsyr2k: ctypes._CFuncPtr
     dsytrd: ctypes._CFuncPtr
     dsterf: ctypes._CFuncPtr
+    dstedc: ctypes._CFuncPtr
     dormqr: ctypes._CFuncPtr
     dsyevd: ctypes._CFuncPtr
 
@@ -252,8 +255,28 @@ class Tridiagonal:
         _check(info.value, "dsterf")
         return d
 
-    def apply_q(self, z: np.ndarray) -> np.ndarray:
-        """Q @ z for z (n x k): eigenvectors of T become eigenvectors of g (dormqr on the stored reflectors).
+    def eigenvectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """All eigenvalues of T, ascending, and all its eigenvectors (columns, n x n), by divide and conquer (dstedc,
+        the tridiagonal solver inside dsyevd); scipy's ``eigh_tridiagonal`` (MRRR) without the fast path.
+
+        Q is not applied: with ``apply_q`` the eigenvectors of g are Q Z, formed only for the columns needed.
+        """
+        n = self.n
+        if n < 2:
+            return self.d.copy(), np.ones((n, n), order="F")
+        if _FAST is None:
+            return scipy.linalg.eigh_tridiagonal(self.d, self.e, check_finite=False)
+        d, e, z = self.d.copy(), np.append(self.e, 0.0), np.zeros((n, n), order="F")
+        lwork, liwork = 1 + 4 * n + n * n, 3 + 5 * n
+        work, iwork, info = np.empty(lwork), np.empty(liwork, dtype=np.intc), ctypes.c_int(0)
+        _FAST.dstedc(b"I", _c_int(n), _data(d), _data(e), _data(z), _c_int(n), _data(work), _c_int(lwork),
+                     _data(iwork), _c_int(liwork), ctypes.byref(info))  # fmt: skip
+        _check(info.value, "dstedc")
+        return d, z
+
+    def apply_q(self, z: np.ndarray, transpose: bool = False) -> np.ndarray:
+        """Q @ z, or Q^T @ z with ``transpose``, for z (n x k): eigenvectors of T become eigenvectors of g and back
+        (dormqr on the stored reflectors).
 
         Q = diag(1, Q') where Q' is the product of the n - 1 reflectors stored from row 1 of ``reflectors``.
         """
@@ -264,15 +287,15 @@ class Tridiagonal:
         k = out.shape[1]
         if n < 2 or k == 0:
             return out
-        lwork = 64 * k
+        lwork, trans = 64 * k, "T" if transpose else "N"
         if _FAST is None:
             reflectors = self.reflectors[1:, : n - 1]
-            out[1:], _, info = scipy_lapack.dormqr("L", "N", reflectors, self.tau, out[1:], lwork)
+            out[1:], _, info = scipy_lapack.dormqr("L", trans, reflectors, self.tau, out[1:], lwork)
             _check(info, "dormqr")
             return out
         work, info, step = np.empty(lwork), ctypes.c_int(0), out.itemsize  # (1, 0) of a column-major array
-        _FAST.dormqr(b"L", b"N", _c_int(n - 1), _c_int(k), _c_int(n - 1), _data(self.reflectors) + step, _c_int(n),
-                     _data(self.tau), _data(out) + step, _c_int(n), _data(work), _c_int(lwork),
+        _FAST.dormqr(b"L", trans.encode(), _c_int(n - 1), _c_int(k), _c_int(n - 1), _data(self.reflectors) + step,
+                     _c_int(n), _data(self.tau), _data(out) + step, _c_int(n), _data(work), _c_int(lwork),
                      ctypes.byref(info))  # fmt: skip
         _check(info.value, "dormqr")
         return out

@@ -1,9 +1,9 @@
 """A disk cache of pretrained decompositions, so that every spectra report on a backbone reuses them.
 
-The decompositions of a backbone's pretrained matrices are the same for all its runs and are about half the work of
-a report. They are kept in one safetensors file per backbone and weights under ``<PETLab cache>/spectra/``: every
-singular value and every singular vector of each matrix's short side (``MatrixSVD.S`` and ``basis``), in float64
-(rounding the vectors to float32 would halve the file but moves the relative changes of small singular values by
+The decompositions of a backbone's pretrained matrices are the same for all its runs and are more than half the
+work of a report. They are kept in one safetensors file per backbone and weights under ``<PETLab cache>/spectra/``:
+every singular value and every singular vector of each matrix's short side (``MatrixSVD.S`` and ``basis``), in
+float64 (rounding the vectors to float32 would halve the file but moves the relative changes of small singular values by
 more than the 1e-4 the report resolves). A ViT-B's file holds about 340 MB, a ViT-S's 85 MB; deleting one costs
 only its recomputation.
 

@@ -3,7 +3,8 @@
 Read in this order:
     1. Precision and orientation: what the Gram route resolves, and matrices turned so that the short side is last.
     2. Decompositions of one matrix (``singular_values``, ``decompose`` and ``MatrixSVD``).
-    3. Updates: low-rank detection and the tuned decomposition built on the pretrained one (``pair_spectra``).
+    3. Updates: low-rank detection, the pretrained basis, and the tuned decomposition built on the pretrained one
+       (``pair_spectra``).
     4. Threads: one matrix per core (``parallel_map``).
 
 How it is computed, and why (``bench/bench_spectra.py`` measures the choices on ViT-B's 72 matrices):
@@ -23,9 +24,16 @@ How it is computed, and why (``bench/bench_spectra.py`` measures the choices on 
   ||dW||_F) and factors it dW = L R^T; its values come from an r-column problem. The tuned Gram matrix is then
   the pretrained one plus a rank-2r term, so it is never formed from scratch: in the pretrained singular basis,
   when known, it is diag(S0^2) plus that term. A dW that is exactly zero reuses the pretrained decomposition.
+  That n x n problem is still reduced to tridiagonal form: solving it as 2r rank-one updates (secular equations)
+  costs more at ViT sizes, each one O(n^2) per iteration outside BLAS, against the reduction's 4/3 n^3 in BLAS.
+* The pretrained basis without the product that forms it. The report needs every right singular vector of W0
+  (intruders compare with all of them; the tuned problem is posed in them), but only applied to a few columns:
+  it keeps them as V0 = Q Z (Q the reflectors of the tridiagonal reduction, Z the tridiagonal's eigenvectors by
+  divide and conquer) and applies Q by its reflectors, skipping the 2 n^3 back-transformation of a full
+  eigen-decomposition (``PretrainedBasis``). ``decompose``, whose vectors are stored, forms them.
 * Pretrained decompositions are the same for every run on a backbone: ``decompose`` them once and pass them on
-  (the app keeps them per backbone in memory, ``core.spectra.cache`` on disk); they are about half the work of a
-  report. With full-rank updates (full fine-tuning) no shortcut applies.
+  (the app keeps them per backbone in memory, ``core.spectra.cache`` on disk); they are more than half the work
+  of a report. With full-rank updates (full fine-tuning) no shortcut applies.
 * Threads. Matrices are analysed on one thread per core (``torch.get_num_threads()``), each BLAS call
   single-threaded; the heavy LAPACK/BLAS calls go through ``core.spectra._lapack``, which releases the GIL. Only
   scipy's BLAS is used, never numpy's: with two OpenBLAS copies alternating, each one's idle threads spin
@@ -310,25 +318,68 @@ def _analyse_update(d: np.ndarray, norm: float, eps: float) -> _Update:
     return _Update(gram_svd(d, 0)[0], None)
 
 
+class PretrainedBasis:
+    """All right singular vectors V0 of the oriented A0 (n x n), explicit or as V0 = Q Z, without ever forming the
+    product: Q the Householder reflectors that tridiagonalise A0^T A0 = Q T Q^T, Z the eigenvectors of T.
+
+    A report never needs V0 itself, only V0^T X and V0 Y for a few columns; applying Q by its reflectors costs
+    O(n^2) per column, where forming Q Z (what dsyevd does after the same reduction) costs 2 n^3.
+    """
+
+    def __init__(self, explicit: np.ndarray | None = None, reduction: tuple[Tridiagonal, np.ndarray] | None = None):
+        if (explicit is None) == (reduction is None):
+            raise ValueError("give either the explicit basis or the reduction (Q, Z)")
+        self.explicit, self.reduction = explicit, reduction
+
+    def coordinates(self, x: np.ndarray) -> np.ndarray:
+        """V0^T x for x (n x k)."""
+        if self.reduction is None:
+            return matmul(self.explicit.T, x)
+        tri, z = self.reduction
+        return matmul(z.T, tri.apply_q(x, transpose=True))
+
+    def vectors(self, y: np.ndarray, leading: int = 0) -> np.ndarray:
+        """V0 y for coordinates y (n x k), after the first ``leading`` columns of V0 (one application of Q for
+        both): n x (leading + k)."""
+        if self.reduction is None:
+            return np.hstack([self.explicit[:, :leading], matmul(self.explicit, y)])
+        tri, z = self.reduction
+        return tri.apply_q(np.hstack([z[:, :leading], matmul(z, y)]))
+
+
 class _Pretrained(NamedTuple):
     """What the tuned decomposition reuses of the pretrained A0: all singular values, and all right singular
     vectors (the short side) or, when those were not computed, the Gram matrix A0^T A0 (lower triangle)."""
 
     s: np.ndarray
-    basis: np.ndarray | None
+    basis: PretrainedBasis | None
     gram: np.ndarray | None
 
 
 def _pretrained(a0: np.ndarray, with_vectors: bool) -> _Pretrained:
+    """A0's singular values, with its basis kept as the tridiagonal reduction of A0^T A0 and T's eigenvectors (see
+    ``PretrainedBasis``), or without vectors its Gram matrix."""
     g = gram_lower(a0)
-    s, v = svd_of_gram(g, a0.shape[1] if with_vectors else 0)
-    return _Pretrained(s, v, g if v is None else None)
+    if not with_vectors:
+        return _Pretrained(svd_of_gram(g, 0)[0], None, g)
+    tri = Tridiagonal(g)
+    lam, z = tri.eigenvectors()
+    s = np.sqrt(np.clip(lam[::-1], 0.0, None))
+    return _Pretrained(s, PretrainedBasis(reduction=(tri, np.asfortranarray(z[:, ::-1]))), None)
 
 
-def _tuned_svd(
-    a0: np.ndarray, d: np.ndarray, update: _Update, pre: _Pretrained, vectors: int
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Singular values of A1 = A0 + D (all) and its leading ``vectors`` right and left singular vectors.
+class _Tuned(NamedTuple):
+    """The decomposition of A1 = A0 + D: all singular values, and the leading right singular vectors either as
+    their coordinates in the pretrained basis (a low-rank D there) or explicitly, with A1 when it was formed."""
+
+    s: np.ndarray
+    coordinates: np.ndarray | None  # V0^T V1
+    v: np.ndarray | None
+    a1: np.ndarray | None
+
+
+def _tuned_svd(a0: np.ndarray, d: np.ndarray, update: _Update, pre: _Pretrained, vectors: int) -> _Tuned:
+    """Singular values of A1 = A0 + D (all) and its leading ``vectors`` right singular vectors.
 
     A low-rank D = L R^T changes the Gram matrix by a symmetric rank-2r term: with P = A0^T L and
     W = P + R (L^T L) / 2, A1^T A1 = A0^T A0 + P R^T + R P^T + R L^T L R^T = A0^T A0 + W R^T + R W^T, whose lower
@@ -341,7 +392,7 @@ def _tuned_svd(
         r = right.shape[1]
         z = np.hstack([matmul(a0.T, left), right])  # n x 2r: [P, R]
         if pre.basis is not None:
-            z = matmul(pre.basis.T, z)
+            z = pre.basis.coordinates(z)
         p, q = z[:, :r], np.ascontiguousarray(z[:, r:])
         g = symmetric_rank_2k_lower(p + matmul(q, matmul(left.T, left)) / 2, q)
         if pre.basis is not None:
@@ -349,31 +400,34 @@ def _tuned_svd(
         else:
             g += pre.gram  # its upper triangle is zero: only the lower one is read
         s, y = svd_of_gram(g, vectors)
-        v = y if y is None or pre.basis is None else matmul(pre.basis, y)
-        av = None if v is None else matmul(a0, v) + matmul(left, matmul(right.T, v))
-    else:
-        a1 = a0 + d
-        s, v = gram_svd(a1, vectors)
-        av = None if v is None else matmul(a1, v)
-    return s, v, None if av is None else long_side(av)
+        return _Tuned(s, y, None, None) if pre.basis is not None else _Tuned(s, None, y, None)
+    a1 = a0 + d
+    s, v = gram_svd(a1, vectors)
+    return _Tuned(s, None, v, a1)
 
 
 def _pretrained_left_cosines(
-    a0: np.ndarray, s0: np.ndarray, basis: np.ndarray, y: np.ndarray, transposed: bool
+    a0: np.ndarray,
+    s0: np.ndarray,
+    basis: PretrainedBasis,
+    y: np.ndarray,
+    coordinates: np.ndarray | None,
+    transposed: bool,
 ) -> np.ndarray:
     """|cos| of each tuned left vector (columns of y) with every pretrained left singular vector: (r0, k).
 
-    When W was transposed its left vectors are the basis itself. Otherwise they are u0_i = A0 v0_i / s0_i, and
-    U0^T y = diag(1/s0) V0^T (A0^T y) without forming U0; directions with s0_i below the resolved floor (as for
-    the relative changes) have no well-defined vector and are left out. A zero W0 has no singular directions at
-    all: every tuned vector is then new (cosine 0).
+    When W was transposed its left vectors are the basis itself: the cosines are V0^T y, the tuned vectors'
+    ``coordinates`` when known. Otherwise they are u0_i = A0 v0_i / s0_i, and U0^T y = diag(1/s0) V0^T (A0^T y)
+    without forming U0; directions with s0_i below the resolved floor (as for the relative changes) have no
+    well-defined vector and are left out. A zero W0 has no singular directions at all: every tuned vector is then
+    new (cosine 0).
     """
     if not s0[0] > 0:
         return np.zeros((1, y.shape[1]))
     if transposed:
-        return np.abs(matmul(basis.T, y))
+        return np.abs(basis.coordinates(y) if coordinates is None else coordinates)
     keep = s0 >= resolved_floor(s0, a0.shape[1])
-    return np.abs(matmul(basis[:, keep].T, matmul(a0.T, y)) / s0[keep, None])
+    return np.abs(basis.coordinates(matmul(a0.T, y))[keep] / s0[keep, None])
 
 
 class PairSpectra(NamedTuple):
@@ -419,29 +473,40 @@ def pair_spectra(name: str, w0: Tensor, dw: Tensor, cached: MatrixSVD | None, to
     if cached is not None:
         check_pretrained(name, cached, n, w0_norm)
     if cached is not None and (cached.basis is not None or top == 0):
-        pre = _Pretrained(cached.S.numpy(), None if cached.basis is None else cached.basis.numpy(), None)
+        basis = None if cached.basis is None else PretrainedBasis(explicit=cached.basis.numpy())
+        pre = _Pretrained(cached.S.numpy(), basis, None)
     else:
         pre = _pretrained(a0, top > 0)
     s0, basis = pre.s, pre.basis
     eps = input_eps(dw)
     if d_norm > 0:
         update = _analyse_update(d, d_norm, eps)
-        s1, v1, u1 = _tuned_svd(a0, d, update, pre, top)
-    else:
-        update = _Update(np.zeros(n), None)
-        s1, v1 = s0, None if basis is None else basis[:, :top]
-        u1 = None if v1 is None else long_side(matmul(a0, v1))
+        tuned = _tuned_svd(a0, d, update, pre, top)
+    else:  # W1 = W0
+        update, tuned = _Update(np.zeros(n), None), _Tuned(s0, np.eye(n, top), None, None)
     sides, left_cosines = None, None
     if top > 0:
-        assert basis is not None and v1 is not None and u1 is not None
-        u0 = long_side(matmul(a0, basis[:, :top]))
+        assert basis is not None
+        if tuned.coordinates is not None:  # A0 V0 and A1 V1 = A0 V1 + L (R^T V1) from one pass over A0
+            v = basis.vectors(tuned.coordinates, leading=top)
+            v0, v1 = v[:, :top], v[:, top:]
+            av = matmul(a0, v)
+            a0v0, a1v1 = av[:, :top], av[:, top:]
+            if update.factors is not None:
+                left, right = update.factors
+                a1v1 = a1v1 + matmul(left, matmul(right.T, v1))
+        else:
+            assert tuned.v is not None and tuned.a1 is not None
+            v0, v1 = basis.vectors(np.zeros((n, 0)), leading=top), tuned.v
+            a0v0, a1v1 = matmul(a0, v0), matmul(tuned.a1, v1)
+        u0, u1 = long_side(a0v0), long_side(a1v1)
         # W's left (output) side is the oriented matrix's right side when it was transposed
-        short, long = (basis[:, :top], v1), (u0, u1)
+        short, long = (v0, v1), (u0, u1)
         sides = {"left": short, "right": long} if transposed else {"left": long, "right": short}
-        left_cosines = _pretrained_left_cosines(a0, s0, basis, sides["left"][1], transposed)
+        left_cosines = _pretrained_left_cosines(a0, s0, basis, sides["left"][1], tuned.coordinates, transposed)
     return PairSpectra(
         s0=s0,
-        s1=s1,
+        s1=tuned.s,
         sd=update.values,
         pretrained_norm=w0_norm,
         update_norm=d_norm,

@@ -193,8 +193,8 @@ def spectra_report(
         intruder_threshold: eps of the intruder test (Shuttleworth et al. use 0.5 and k = 10).
         with_vectors: compute singular vectors for rotation and intruders; False gives values only (faster).
         pretrained: decompositions of the W0 from ``decompose`` (any ``keep``), e.g. cached per backbone: they
-            halve the work and, with vectors, let low-rank updates be decomposed in the pretrained basis. Missing
-            names, and ones without vectors when vectors are needed, are computed here.
+            save more than half the work and, with vectors, let low-rank updates be decomposed in the pretrained
+            basis. Missing names, and ones without vectors when vectors are needed, are computed here.
 
     Returns:
         A SpectraReport of tidy DataFrames (see its docstring).

@@ -8,10 +8,10 @@ python bench/bench_jobs.py overhead [--rounds 2] [--steps N]
 python bench/bench_jobs.py latency
     First-job latency: from the start of a fresh process to its first job training (Ray start, job manager,
     worker start and import), and from submitting a second job to its training on a warm Ray.
-python bench/bench_jobs.py omp [--rounds 3]
-    A short fine-tune in a fresh process with a CPU-bound process beside it, with OMP_WAIT_POLICY=PASSIVE (what
-    the workers get) and without it (OpenMP's default), interleaved: is passive waiting better on a loaded
-    machine?
+python bench/bench_jobs.py loaded [--rounds 1] [--steps 40]
+    The default demo's training in a fresh process on a quiet machine, then beside a CPU-bound process with two
+    threads (the default), two threads and OMP_WAIT_POLICY=PASSIVE, and one thread, interleaved round by round:
+    which thread settings hold up on a loaded machine?
 python bench/bench_jobs.py app-cpu
     The Streamlit server's CPU use while a fine-tune started from its Fine-tune page trains (a headless
     Chromium clicks Start; needs playwright and /usr/bin/chromium): CPU seconds of the server's process over
@@ -146,26 +146,42 @@ def latency() -> None:
     )
 
 
-def omp(rounds: int) -> None:
-    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        passive, default = [], []
-        for index in range(rounds):
-            for env_value, times in (("PASSIVE", passive), (None, default)):
-                env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-                if env_value:
-                    env["OMP_WAIT_POLICY"] = env_value
+LOADED_SETTINGS = {
+    "2 threads": {},
+    "2 threads, OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "1 thread": {"OMP_NUM_THREADS": "1"},
+}
+"""Thread settings compared beside a CPU-bound process: the default (torch's threads = the cores, OpenMP's
+default waiting), passive waiting, and one thread."""
+
+
+def loaded(rounds: int, steps: int) -> None:
+    """The default demo's training (``steps`` steps in one process) on a quiet machine, then beside a CPU-bound
+    process with each of `LOADED_SETTINGS`, interleaved round by round; medians."""
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    command = [sys.executable, "-c", IN_PROCESS]
+    quiet: list[float] = []
+    beside: dict[str, list[float]] = {name: [] for name in LOADED_SETTINGS}
+    for index in range(rounds):
+        with tempfile.TemporaryDirectory() as home:
+            quiet.append(timed([*command, home, str(steps)], env=base))
+        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            for name, settings in LOADED_SETTINGS.items():
                 with tempfile.TemporaryDirectory() as home:
-                    times.append(timed([sys.executable, "-c", IN_PROCESS, home, "40"], env=env))
-            print(f"round {index + 1}: passive {passive[-1]:.1f} s, default {default[-1]:.1f} s")
-    finally:
-        hog.kill()
-    ratio = statistics.median(passive) / statistics.median(default)
-    print(
-        f"40 steps of the default demo in one process beside a CPU-bound process, median of {rounds}: "
-        f"OMP_WAIT_POLICY=PASSIVE {statistics.median(passive):.1f} s, default {statistics.median(default):.1f} s, "
-        f"ratio {ratio:.3f} (below 1: passive is faster); {load()}"
-    )
+                    beside[name].append(timed([*command, home, str(steps)], env=base | settings))
+        finally:
+            hog.kill()
+        shown = ", ".join(f"{name} {times[-1]:.1f} s" for name, times in beside.items())
+        print(f"round {index + 1}: quiet (2 threads) {quiet[-1]:.1f} s; beside a CPU-bound process: {shown}")
+    reference = statistics.median(beside["2 threads"])
+    print(f"{steps} steps of the default demo in one process, whole process, median of {rounds} ({load()}):")
+    print(f"  quiet, 2 threads: {statistics.median(quiet):.1f} s")
+    for name, times in beside.items():
+        print(
+            f"  beside a CPU-bound process, {name}: {statistics.median(times):.1f} s "
+            f"({statistics.median(times) / reference:.3f}x the default's)"
+        )
 
 
 APP_CPU = textwrap.dedent(
@@ -230,16 +246,18 @@ def app_cpu() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("overhead", "latency", "omp", "app-cpu"))
+    parser.add_argument("what", choices=("overhead", "latency", "loaded", "app-cpu"))
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=0, help="overhead: steps of the demo (0: its own)")
+    parser.add_argument(
+        "--steps", type=int, default=0, help="steps of the demo (overhead: 0 = its own; loaded: 0 = 40)"
+    )
     ns = parser.parse_args()
     if ns.what == "overhead":
         overhead(ns.rounds, ns.steps)
     elif ns.what == "latency":
         latency()
-    elif ns.what == "omp":
-        omp(ns.rounds)
+    elif ns.what == "loaded":
+        loaded(ns.rounds, ns.steps or 40)
     else:
         app_cpu()
 

@@ -292,6 +292,12 @@ def experiment_record(experiment: Experiment) -> dict[str, Any]:
     }
 
 
+def import_on_use() -> None:
+    """Import what a fine-tune or a measurement imports only when it first needs it (scikit-learn, for the data
+    splits: about a second), so that a job's worker can do it before its job arrives (`core.jobs`)."""
+    import sklearn.model_selection  # noqa: F401 - `core.data.splits` imports it on use
+
+
 def run_experiment(
     experiment: Experiment | CheckedExperiment,
     store: RunStore,

@@ -187,11 +187,13 @@ def default_resources(device: str = "auto") -> Resources:
 class _Manager:
     """The run store's writer for Ray work (a Ray actor; see the module docstring)."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, warm_up: list[Any]) -> None:
+        """``warm_up``: [the ObjectRef of a `_warm_up` task its creator started] (in a list, so that Ray does not
+        wait for it before creating the manager)."""
         self.store = RunStore(root)
         self.pending: dict[str, Any] = {}  # run id -> the ObjectRef of its Ray task
         self.lock = threading.Lock()
-        self.warmed = _warm_task().remote()  # an idle worker imports the training stack before the first job
+        self.warmed = warm_up[0]
         threading.Thread(target=self._watch, name="petlab-job-watch", daemon=True).start()
 
     def ping(self) -> str:
@@ -284,7 +286,8 @@ def _create_manager(folder: str) -> Any:
     )
     if on_cluster():
         options["lifetime"] = "detached"  # jobs on a cluster outlive the app or command that started them
-    handle = ray.remote(_Manager).options(**options).remote(folder)
+    warm_up = _warm_task().remote()  # an idle worker imports the training stack meanwhile, before the first job
+    handle = ray.remote(_Manager).options(**options).remote(folder, [warm_up])
     ray.get(handle.ping.remote())
     return handle
 
@@ -395,10 +398,12 @@ def _execute(kind: str, job: bytes, run_id: str, handle: Any, warmed: None = Non
 
 
 def _warm_up() -> None:
-    """A Ray task on no CPU: import what a job needs (torch, timm, the methods), so the worker Ray gives the first
-    job next has done it while the caller was still checking the job's options."""
+    """A Ray task on no CPU: import what a job needs (`core.experiment.import_on_use`), so the worker Ray gives the
+    first job next has done it while the caller was still checking the job's options."""
     with contextlib.suppress(Exception):  # the job itself reports what fails to import
-        import core.experiment  # noqa: F401
+        from core import experiment
+
+        experiment.import_on_use()
 
 
 _remote: dict[str, Any] = {}

@@ -297,7 +297,7 @@ _managers: dict[str, Any] = {}
 _manager_lock = threading.Lock()
 
 
-def prepare(root: Path | str | None = None, address: str | None = None, persistent: bool = False) -> None:
+def prepare(root: Path | str | None = None, address: str | None = None) -> None:
     """Start connecting and the store's job manager (`manager`'s arguments) in the background, and return at once.
 
     A command that is going to submit a job calls this first: Ray starts, and the manager's warm-up imports the
@@ -306,7 +306,7 @@ def prepare(root: Path | str | None = None, address: str | None = None, persiste
 
     def run() -> None:
         with contextlib.suppress(Exception):
-            manager(root, address, persistent)
+            manager(root, address)
 
     threading.Thread(target=run, name="petlab-prepare", daemon=True).start()
 

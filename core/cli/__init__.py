@@ -104,9 +104,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _prepare_jobs(argv: list[str]) -> None:
     """For a command that will submit a job and follow it (`SUBMITTING`, not with ``--help``, ``--dry-run`` or
-    ``--detach``), start Ray and the
-    run store's job manager now (`core.jobs.prepare`), while the command imports torch and checks its options.
-    Only the options before the command are read here; the full parser checks everything afterwards."""
+    ``--detach``), start Ray and the run store's job manager now (`core.jobs.prepare`), while the command imports
+    torch and checks its options. Only the options before the command are read here; the full parser checks
+    everything afterwards. A detached job may start a local Ray that outlives the command: not before its options
+    are known to be good."""
     early = argparse.ArgumentParser(add_help=False)
     early.add_argument("--home", type=Path, default=None)
     early.add_argument("--address", default=None)
@@ -115,14 +116,11 @@ def _prepare_jobs(argv: list[str]) -> None:
         ns, _ = early.parse_known_args(argv)
     except SystemExit:  # a malformed line: the full parser says what is wrong
         return
-    words = ns.words
-    if not ({tuple(words[:1]), tuple(words[:2])} & SUBMITTING) or {"-h", "--help", "--dry-run", "--detach"} & set(
-        words
-    ):
-        return  # a detached job may start a lasting local Ray: only once its options are known good
-    from core import jobs
+    submits = {tuple(ns.words[:1]), tuple(ns.words[:2])} & SUBMITTING
+    if submits and not {"-h", "--help", "--dry-run", "--detach"} & set(ns.words):
+        from core import jobs
 
-    jobs.prepare(ns.home, ns.address)
+        jobs.prepare(ns.home, ns.address)
 
 
 def _home(ns: argparse.Namespace) -> Path:

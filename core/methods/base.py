@@ -282,6 +282,48 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _layer_norm_output(node: torch.autograd.graph.Node) -> Tensor:
+    """A LayerNorm's output from what its backward keeps: the input and the mean and 1/std it normalised with
+    (equal to the forward's output up to rounding)."""
+    out = (node._saved_input - node._saved_result1).mul_(node._saved_result2)
+    if node._saved_weight is not None:
+        out.mul_(node._saved_weight)
+    return out if node._saved_bias is None else out.add_(node._saved_bias)
+
+
+# The producers whose output can be rebuilt from their own backward's saved tensors, by autograd node type.
+_REBUILDS: dict[str, Callable[[torch.autograd.graph.Node], Tensor]] = {
+    "NativeLayerNormBackward0": _layer_norm_output,
+    "GeluBackward0": lambda node: F.gelu(node._saved_self, approximate=node._saved_approximate),
+}
+
+
+def save_input(ctx: torch.autograd.function.FunctionCtx, x: Tensor, used: Tensor, *tensors: Tensor | None) -> None:
+    """``ctx.save_for_backward(used, *tensors)`` for a custom autograd Function whose backward needs its input:
+    ``x`` as the Function received it, ``used`` as its products read it (``x`` cast to the compute dtype).
+
+    Where ``x`` is the output of a LayerNorm or a GELU (timm's norm1 and norm2 before qkv and fc1, the MLP's
+    activation before fc2), the producer's own backward keeps its input anyway, and ``used`` is not kept: the
+    backward rebuilds it from the producer's saved tensors in one elementwise pass (``saved_input``). An adapted
+    linear there then keeps no activation of the width of its input beyond what the frozen backbone keeps.
+    """
+    node = x.grad_fn
+    rebuildable = node is not None and type(node).__name__ in _REBUILDS and x._base is None and x.output_nr == 0
+    ctx.input_producer = node if rebuildable else None
+    ctx.input_dtype, ctx.input_device = used.dtype, used.device.type
+    ctx.save_for_backward(None if rebuildable else used, *tensors)
+
+
+def saved_input(ctx: torch.autograd.function.FunctionCtx) -> tuple[Tensor, ...]:
+    """What ``save_input`` saved: ``used`` (rebuilt where it was not kept), then the other tensors."""
+    used, *tensors = ctx.saved_tensors
+    node = ctx.input_producer
+    if node is not None:
+        with torch.no_grad(), torch.autocast(ctx.input_device, enabled=False):
+            used = _REBUILDS[type(node).__name__](node).to(ctx.input_dtype)
+    return (used, *tensors)
+
+
 class LinearWrapper(Wrapper):
     """A frozen ``nn.Linear`` plus a weight update, ``y = base(x) + update(x, base(x))``.
 

@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core import methods
+from core.methods.base import CodeProduct
 from core.methods.fact import FacTLinear, FacTProduct
 from core.methods.kadaptation import UpdatedRowsLinear
+from core.methods.lora import LoRALinear
 from tests.conftest import tiny_vit
 
 
@@ -49,23 +51,31 @@ def _kept_per_sample(model: nn.Module) -> float:
 
 @pytest.mark.parametrize(
     ("name", "options"),
-    [("fact", dict(variant="tt", rank=4)), ("fact", dict(variant="tk", rank=2, dropout=0.0)), ("kadaptation", {})],
-    ids=["fact-tt", "fact-tk-no-dropout", "kadaptation"],
+    [
+        ("fact", dict(variant="tt", rank=4)),
+        ("fact", dict(variant="tk", rank=2, dropout=0.0)),
+        ("kadaptation", {}),
+        ("lora", dict(rank=2, targets="all")),
+    ],
+    ids=["fact-tt", "fact-tk-no-dropout", "kadaptation", "lora-all"],
 )
 def test_adapted_linears_keep_no_activation_beyond_the_frozen_backbone(shape: str, name: str, options: dict) -> None:
-    """Per image, a FacT model keeps the frozen backbone's activations plus its rank-r codes (and their dropout
-    masks), KAdaptation (DropConnect) the frozen backbone's alone: the inputs of qkv, fc1 and fc2 are rebuilt from
-    norm1, norm2 and the activation, and proj's is a view of the attention output, which attention keeps."""
+    """Per image, FacT and LoRA models keep the frozen backbone's activations plus their rank-r codes (and FacT's
+    dropout masks), KAdaptation (DropConnect) the frozen backbone's alone: the inputs of qkv, fc1 and fc2 are
+    rebuilt from norm1, norm2 and the activation, and proj's is a view of the attention output, which attention
+    keeps."""
     base = tiny_vit(shape)
     floor = _with_token_shift(copy.deepcopy(base).requires_grad_(False)).train()
     model = _with_token_shift(methods.apply(copy.deepcopy(base), name, **options)).train()
     tokens = base.patch_embed.num_patches + base.num_prefix_tokens
-    code_bytes = 0
+    code_bytes = 0  # per image
     for module in model.modules():
         if isinstance(module, FacTLinear):
             per_code = 4 + (module.shared.dropout.p > 0)  # fp32 code, bool mask
             code_bytes += tokens * len(module.out_blocks) * module.shared.U.shape[0] * per_code
-    assert (name == "fact") == (code_bytes > 0)
+        if isinstance(module, LoRALinear):
+            code_bytes += tokens * module.lora_A.shape[0] * module.lora_A.shape[1] * 4
+    assert (name != "kadaptation") == (code_bytes > 0)
     assert _kept_per_sample(model) - _kept_per_sample(floor) == code_bytes
 
 
@@ -94,8 +104,15 @@ def _updated_rows_product(x: Tensor, gen: torch.Generator) -> tuple[Tensor, tupl
     return UpdatedRowsLinear.apply(x, weight, bias, update, ((0, d), (2 * d, 3 * d))), (bias, update)
 
 
+def _code_product(x: Tensor, gen: torch.Generator) -> tuple[Tensor, tuple[Tensor, ...]]:
+    reduce = torch.randn(3, x.shape[-1], generator=gen).requires_grad_()
+    return CodeProduct.apply(x, reduce), (reduce,)
+
+
 @pytest.mark.parametrize("producer", list(PRODUCERS))
-@pytest.mark.parametrize("product", [_fact_product, _updated_rows_product], ids=["fact", "kadaptation"])
+@pytest.mark.parametrize(
+    "product", [_fact_product, _updated_rows_product, _code_product], ids=["fact", "kadaptation", "lora"]
+)
 def test_a_rebuilt_input_gives_the_gradients_of_a_kept_one(producer: str, product: Callable) -> None:
     """The same product on a producer's output (rebuilt in the backward, not kept) and on a copy of it (kept):
     same output and gradients; the first keeps no tensor of the input's storage, the second does."""
@@ -113,3 +130,11 @@ def test_a_rebuilt_input_gives_the_gradients_of_a_kept_one(producer: str, produc
         results.append((y, *torch.autograd.grad(y, (source, *leaves), grad_y)))
     for rebuilt, kept in zip(*results, strict=True):
         torch.testing.assert_close(rebuilt, kept)
+
+
+def test_code_product_backward_is_the_exact_derivative() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, generator=gen, dtype=torch.float64).requires_grad_()
+    reduce = torch.randn(4, 5, generator=gen, dtype=torch.float64).requires_grad_()
+    torch.testing.assert_close(CodeProduct.apply(x, reduce), x @ reduce.T)
+    assert torch.autograd.gradcheck(CodeProduct.apply, (x, reduce))

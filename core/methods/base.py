@@ -324,6 +324,32 @@ def saved_input(ctx: torch.autograd.function.FunctionCtx) -> tuple[Tensor, ...]:
     return (used, *tensors)
 
 
+class CodeProduct(torch.autograd.Function):
+    """``z = x R^T``, the code of a low-rank update from its reduction R (k x in), keeping ``x`` for the gradient
+    of R only where it cannot be rebuilt from its producer (``save_input``)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, reduce: Tensor) -> Tensor:
+        dtype = compute_dtype(x)
+        used, reduce = x.to(dtype), reduce.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            z = used @ reduce.T
+        save_input(ctx, x, used, reduce)
+        return z
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_z: Tensor) -> tuple[Tensor | None, ...]:
+        x, reduce = saved_input(ctx)
+        grad_rows = grad_z.reshape(-1, reduce.shape[0]).to(x.dtype)
+        grad_x = grad_reduce = None
+        with torch.autocast(x.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                grad_x = (grad_rows @ reduce).view(x.shape)
+            if ctx.needs_input_grad[1]:
+                grad_reduce = grad_rows.T @ x.reshape(-1, x.shape[-1])
+        return grad_x, grad_reduce
+
+
 class LinearWrapper(Wrapper):
     """A frozen ``nn.Linear`` plus a weight update, ``y = base(x) + update(x, base(x))``.
 

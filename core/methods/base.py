@@ -282,6 +282,74 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _layer_norm_output(node: torch.autograd.graph.Node) -> Tensor:
+    """A LayerNorm's output from what its backward keeps: the input and the mean and 1/std it normalised with
+    (equal to the forward's output up to rounding)."""
+    out = (node._saved_input - node._saved_result1).mul_(node._saved_result2)
+    if node._saved_weight is not None:
+        out.mul_(node._saved_weight)
+    return out if node._saved_bias is None else out.add_(node._saved_bias)
+
+
+# The producers whose output can be rebuilt from their own backward's saved tensors, by autograd node type.
+_REBUILDS: dict[str, Callable[[torch.autograd.graph.Node], Tensor]] = {
+    "NativeLayerNormBackward0": _layer_norm_output,
+    "GeluBackward0": lambda node: F.gelu(node._saved_self, approximate=node._saved_approximate),
+}
+
+
+def save_input(ctx: torch.autograd.function.FunctionCtx, x: Tensor, used: Tensor, *tensors: Tensor | None) -> None:
+    """``ctx.save_for_backward(used, *tensors)`` for a custom autograd Function whose backward needs its input:
+    ``x`` as the Function received it, ``used`` as its products read it (``x`` cast to the compute dtype).
+
+    Where ``x`` is the output of a LayerNorm or a GELU (timm's norm1 and norm2 before qkv and fc1, the MLP's
+    activation before fc2), the producer's own backward keeps its input anyway, and ``used`` is not kept: the
+    backward rebuilds it from the producer's saved tensors in one elementwise pass (``saved_input``). An adapted
+    linear there then keeps no activation of the width of its input beyond what the frozen backbone keeps.
+    """
+    node = x.grad_fn
+    rebuildable = node is not None and type(node).__name__ in _REBUILDS and x._base is None and x.output_nr == 0
+    ctx.input_producer = node if rebuildable else None
+    ctx.input_dtype, ctx.input_device = used.dtype, used.device.type
+    ctx.save_for_backward(None if rebuildable else used, *tensors)
+
+
+def saved_input(ctx: torch.autograd.function.FunctionCtx) -> tuple[Tensor, ...]:
+    """What ``save_input`` saved: ``used`` (rebuilt where it was not kept), then the other tensors."""
+    used, *tensors = ctx.saved_tensors
+    node = ctx.input_producer
+    if node is not None:
+        with torch.no_grad(), torch.autocast(ctx.input_device, enabled=False):
+            used = _REBUILDS[type(node).__name__](node).to(ctx.input_dtype)
+    return (used, *tensors)
+
+
+class CodeProduct(torch.autograd.Function):
+    """``z = x R^T``, the code of a low-rank update from its reduction R (k x in), keeping ``x`` for the gradient
+    of R only where it cannot be rebuilt from its producer (``save_input``)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, reduce: Tensor) -> Tensor:
+        dtype = compute_dtype(x)
+        used, reduce = x.to(dtype), reduce.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            z = used @ reduce.T
+        save_input(ctx, x, used, reduce)
+        return z
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_z: Tensor) -> tuple[Tensor | None, ...]:
+        x, reduce = saved_input(ctx)
+        grad_rows = grad_z.reshape(-1, reduce.shape[0]).to(x.dtype)
+        grad_x = grad_reduce = None
+        with torch.autocast(x.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                grad_x = (grad_rows @ reduce).view(x.shape)
+            if ctx.needs_input_grad[1]:
+                grad_reduce = grad_rows.T @ x.reshape(-1, x.shape[-1])
+        return grad_x, grad_reduce
+
+
 class LinearWrapper(Wrapper):
     """A frozen ``nn.Linear`` plus a weight update, ``y = base(x) + update(x, base(x))``.
 

@@ -39,6 +39,8 @@ from core.methods.base import (
     Targets,
     compute_dtype,
     inject_per_linear,
+    save_input,
+    saved_input,
     share,
 )
 from core.methods.registry import Method, register
@@ -102,7 +104,8 @@ class FacTProduct(torch.autograd.Function):
     The update's code is ``z = dropout(x R^T)`` (N, k r) with the reduction R (k r x in); output block
     ``blocks[j]`` (d wide) gains ``z_j E`` with the expansion E = s V^T (r x d). The frozen weight's product and
     the update share one output and one input gradient (the update's parts accumulated in place), and every thin
-    product runs with its long dimension contiguous.
+    product runs with its long dimension contiguous. The input is kept for the backward only where it cannot be
+    rebuilt from its producer (``save_input``).
     """
 
     @staticmethod
@@ -117,28 +120,28 @@ class FacTProduct(torch.autograd.Function):
         dropout: float,
     ) -> Tensor:
         dtype = compute_dtype(x)
-        x, weight, reduce, expand = (t.to(dtype) for t in (x, weight, reduce, expand))
+        used, weight, reduce, expand = (t.to(dtype) for t in (x, weight, reduce, expand))
         r, d = expand.shape
         with torch.autocast(x.device.type, enabled=False):
-            rows = x.reshape(-1, x.shape[-1])
+            rows = used.reshape(-1, x.shape[-1])
             z = rows @ reduce.T  # (N, k r)
             mask = None
             if dropout > 0:
                 z, mask = torch.native_dropout(z, dropout, True)
-            y = F.linear(x, weight, None if bias is None else bias.to(dtype))
+            y = F.linear(used, weight, None if bias is None else bias.to(dtype))
             out = y.view(rows.shape[0], -1, d)
             if len(blocks) == out.shape[1]:  # every block adapted: one product for all
                 out.view(-1, d).addmm_(z.view(-1, r), expand)
             else:
                 for j, block in enumerate(blocks):
                     out[:, block].addmm_(z[:, j * r : (j + 1) * r], expand)
-        ctx.save_for_backward(x, weight, reduce, expand, z, mask)
+        save_input(ctx, x, used, weight, reduce, expand, z, mask)
         ctx.blocks, ctx.dropout, ctx.has_bias = blocks, dropout, bias is not None
         return y
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, reduce, expand, z, mask = ctx.saved_tensors
+        x, weight, reduce, expand, z, mask = saved_input(ctx)
         r, d = expand.shape
         rows = x.reshape(-1, x.shape[-1])
         grad_rows = grad_y.reshape(rows.shape[0], -1).to(rows.dtype)

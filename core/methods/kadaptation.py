@@ -57,6 +57,8 @@ from core.methods.base import (
     Targets,
     compute_dtype,
     inject_per_linear,
+    save_input,
+    saved_input,
     share,
 )
 from core.methods.registry import Method, register
@@ -134,7 +136,8 @@ class UpdatedRowsLinear(torch.autograd.Function):
     """``y = x (W + dW)^T + b`` where dW is ``update[i]`` on the row block ``rows[i]`` and zero elsewhere.
 
     One product with the updated weight, as the frozen backbone makes one with W. The backward forms the weight
-    gradient of the updated rows only (the frozen rows get none) and rebuilds ``W + dW`` instead of keeping it.
+    gradient of the updated rows only (the frozen rows get none) and rebuilds ``W + dW`` instead of keeping it; it
+    keeps the input only where it cannot be rebuilt from its producer (``save_input``).
     """
 
     @staticmethod
@@ -147,16 +150,16 @@ class UpdatedRowsLinear(torch.autograd.Function):
         rows: tuple[tuple[int, int], ...],
     ) -> Tensor:
         dtype = compute_dtype(x)
-        x = x.to(dtype)
+        used = x.to(dtype)
         with torch.autocast(x.device.type, enabled=False):
-            y = F.linear(x, updated_weight(weight, update, rows, dtype), None if bias is None else bias.to(dtype))
-        ctx.save_for_backward(x, weight, update)
+            y = F.linear(used, updated_weight(weight, update, rows, dtype), None if bias is None else bias.to(dtype))
+        save_input(ctx, x, used, weight, update)
         ctx.rows, ctx.has_bias = rows, bias is not None
         return y
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, update = ctx.saved_tensors
+        x, weight, update = saved_input(ctx)
         x_rows = x.reshape(-1, x.shape[-1])
         grad_rows = grad_y.reshape(x_rows.shape[0], -1).to(x.dtype)
         grad_x = grad_bias = grad_update = None

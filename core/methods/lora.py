@@ -13,7 +13,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from core.methods.base import AdapterState, Arch, LowRankLinear, MethodConfig, Targets, inject_per_linear
+from core.methods.base import (
+    AdapterState,
+    Arch,
+    CodeProduct,
+    LowRankLinear,
+    MethodConfig,
+    Targets,
+    inject_per_linear,
+)
 from core.methods.registry import Method, register
 
 
@@ -57,7 +65,7 @@ class LoRALinear(LowRankLinear):
         self.dropout = nn.Dropout(config.dropout)
 
     def code(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        z = self.dropout(x) @ self.lora_A.flatten(0, 1).T  # (..., n r): A x for every adapted part at once
+        z = CodeProduct.apply(self.dropout(x), self.lora_A.flatten(0, 1))  # (..., n r): A x for every part at once
         return z, self.expansion(list(self.scaling * self.lora_B.mT))  # part i: (alpha/r) B_i^T on its slice
 
     def delta_weight(self) -> Tensor:

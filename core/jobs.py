@@ -207,7 +207,7 @@ class _Manager:
         run_id = self.store.create_run({**record, "kind": kind, "resources": resources}, status="queued")
         # While the warm-up runs, a job waits for it (an argument) and then takes its worker, already warm.
         warm = [] if ray.wait([self.warmed], timeout=0)[0] else [self.warmed]
-        task = _execute_task().options(
+        task = _remote_function(_execute).options(
             num_cpus=resources.get("CPU", 1.0),
             num_gpus=resources.get("GPU", 0.0),
             max_retries=0,
@@ -286,7 +286,8 @@ def _create_manager(folder: str) -> Any:
     )
     if on_cluster():
         options["lifetime"] = "detached"  # jobs on a cluster outlive the app or command that started them
-    warm_up = _warm_task().remote()  # an idle worker imports the training stack meanwhile, before the first job
+    # an idle worker imports the training stack meanwhile, before the first job
+    warm_up = _remote_function(_warm_up, num_cpus=0, max_retries=0).remote()
     handle = ray.remote(_Manager).options(**options).remote(folder, [warm_up])
     ray.get(handle.ping.remote())
     return handle
@@ -406,25 +407,16 @@ def _warm_up() -> None:
         experiment.import_on_use()
 
 
-_remote: dict[str, Any] = {}
+_remote: dict[Callable[..., Any], Any] = {}
 
 
-def _execute_task() -> Any:
-    """`_execute` as a Ray remote function (made once per process, after Ray is imported)."""
+def _remote_function(function: Callable[..., Any], **options: Any) -> Any:
+    """``function`` as a Ray remote function with ``options`` (made once per process, after Ray is imported)."""
     import ray
 
-    if "execute" not in _remote:
-        _remote["execute"] = ray.remote(_execute)
-    return _remote["execute"]
-
-
-def _warm_task() -> Any:
-    """`_warm_up` as a Ray remote function on no CPU."""
-    import ray
-
-    if "warm" not in _remote:
-        _remote["warm"] = ray.remote(num_cpus=0, max_retries=0)(_warm_up)
-    return _remote["warm"]
+    if function not in _remote:
+        _remote[function] = ray.remote(**options)(function) if options else ray.remote(function)
+    return _remote[function]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -233,10 +233,11 @@ class _Manager:
             if not pending:
                 continue
             done, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=0)
+            statuses = self.store.statuses(pending)  # one read for all (a sweep has hundreds pending)
             for run_id, ref in pending.items():
                 if ref in done:
                     self._finished(run_id, ref)
-                elif self.store.get_run(run_id)["status"] == "cancelled":  # cancelled while it waited
+                elif statuses.get(run_id) == "cancelled":  # cancelled while it waited
                     ray.cancel(ref, force=False)
                     self._forget(run_id)
 

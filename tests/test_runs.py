@@ -517,6 +517,23 @@ def test_cancel_ends_a_queued_run_at_once_and_flags_a_running_one(tmp_path: Path
     assert store.request_cancel(behind) == "completed"  # nothing to cancel any more
 
 
+def test_statuses_reads_many_runs_at_once_and_leaves_out_unknown_ids(tmp_path: Path) -> None:
+    store = RunStore(tmp_path)
+    ids = [store.create_run(RECORD, status="queued") for _ in range(1203)]  # more than one read of 500
+    store.request_cancel(ids[0])
+    store.start_run(ids[600])
+    store.finish_run(ids[1202], "failed", "boom")
+    expected = {run_id: store.get_run(run_id)["status"] for run_id in ids}
+    assert store.statuses([*ids, "no-such-run"]) == expected
+    assert (expected[ids[0]], expected[ids[600]], expected[ids[1202]], expected[ids[1]]) == (
+        "cancelled",
+        "running",
+        "failed",
+        "queued",
+    )
+    assert store.statuses([]) == {}
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Damage: run.json, a damaged or lost index, check and rebuild, read-only opens
 # ------------------------------------------------------------------------------------------------------------

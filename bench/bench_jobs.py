@@ -4,7 +4,9 @@ python bench/bench_jobs.py overhead [--rounds 2] [--steps N]
     Whole-process wall time of ``python -m core train`` (the default demo, through the embedded Ray: Ray start,
     job manager, worker import, training, adapter back to the store) against the same experiment trained in
     one process without Ray (``run_experiment``), interleaved round by round; the ratio of medians. Target:
-    at most 1.05x.
+    at most 1.05x. Also Ray's own floor: the same experiment as one bare Ray task from a fresh process that
+    imports nothing but Ray (Ray starts at once, the worker imports the training stack and writes to the store
+    itself; no job manager, no checking of options, no following), which any job on an embedded Ray pays.
 python bench/bench_jobs.py latency
     First-job latency: from the start of a fresh process to its first job training (Ray start, job manager,
     worker start and import), and from submitting a second job to its training on a warm Ray.
@@ -43,6 +45,23 @@ experiment = DEMO if steps == 0 else dataclasses.replace(DEMO, train=dataclasses
 run_experiment(experiment, RunStore(sys.argv[1]))
 """
 
+BARE_RAY = """
+import os, sys, logging
+import ray
+cpus = os.cpu_count()
+ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
+    _system_config={"worker_niceness": 0})  # as core.jobs starts it
+
+@ray.remote(num_cpus=cpus, max_retries=0)
+def job(home, steps):
+    import torch
+    torch.set_num_threads(cpus)  # as core.jobs does
+    sys.argv = ["", home, str(steps)]
+    exec(IN_PROCESS)
+
+ray.get(job.remote(sys.argv[1], sys.argv[2]))
+""".replace("IN_PROCESS", repr(IN_PROCESS))
+
 
 def timed(command: list[str], env: dict[str, str] | None = None) -> float:
     start = time.perf_counter()
@@ -78,20 +97,20 @@ def load() -> str:
 
 
 def overhead(rounds: int, steps: int) -> None:
-    ray_runs: list[dict[str, float]] = []
-    local_runs: list[dict[str, float]] = []
     extra = [] if steps == 0 else ["--steps", str(steps)]
+    commands = {
+        "through Ray": lambda home: [sys.executable, "-m", "core", "--home", home, "train", "--quiet", *extra],
+        "in one process": lambda home: [sys.executable, "-c", IN_PROCESS, home, str(steps)],
+        "bare Ray task": lambda home: [sys.executable, "-c", BARE_RAY, home, str(steps)],
+    }
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in commands}
     for index in range(rounds):
-        with tempfile.TemporaryDirectory() as home:
-            command = [sys.executable, "-m", "core", "--home", home, "train", "--quiet", *extra]
-            ray_runs.append(phases(command, home))
-        with tempfile.TemporaryDirectory() as home:
-            local_runs.append(phases([sys.executable, "-c", IN_PROCESS, home, str(steps)], home))
-        through, local = ray_runs[-1]["total"], local_runs[-1]["total"]
-        print(f"round {index + 1}: through Ray {through:.1f} s, in one process {local:.1f} s")
+        for name, command in commands.items():
+            with tempfile.TemporaryDirectory() as home:
+                runs[name].append(phases(command(home), home))
+        print(f"round {index + 1}: " + ", ".join(f"{name} {runs[name][-1]['total']:.1f} s" for name in runs))
     median = {
-        name: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-        for name, runs in (("through Ray", ray_runs), ("in one process", local_runs))
+        name: {key: statistics.median(run[key] for run in each) for key in each[0]} for name, each in runs.items()
     }
     for name, parts in median.items():
         print(
@@ -103,6 +122,11 @@ def overhead(rounds: int, steps: int) -> None:
         f"default demo{'' if steps == 0 else f' at {steps} steps'}, whole process, median of {rounds}: through Ray "
         f"{median['through Ray']['total']:.1f} s, in one process {median['in one process']['total']:.1f} s, ratio "
         f"{ratio:.3f} (target <= 1.05); {load()}"
+    )
+    bare = median["bare Ray task"]["total"]
+    print(
+        f"Ray's own floor: the demo as a bare Ray task {bare:.1f} s, {bare / median['in one process']['total']:.3f}x "
+        f"in one process; PETLab's engine {median['through Ray']['total'] / bare:.3f}x the bare Ray task"
     )
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -39,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # run from a checkout without installing it
 
 from core import sweeps  # noqa: E402
-from core.jobs import Resources  # noqa: E402
+from core.jobs import ADDRESS_ENV, Resources  # noqa: E402
 from core.runs import RunStore  # noqa: E402
 
 GRID = HERE / "grid.toml"
@@ -350,6 +351,19 @@ def pareto_svg(rows: pd.DataFrame, width: int = 760, height: int = 440) -> str:
     return "\n".join(parts) + "\n"
 
 
+def one_cpu_per_point(device: str, address: str | None) -> int | None:
+    """1 (one thread per point, a point per core at once) when the points run on this machine's CPU; None (a
+    whole node's CPUs, or one GPU: `core.jobs.default_resources`) on a cluster or with a GPU. On 2 quiet cores two
+    one-thread points took 0.81x the time of the same two points one after the other with two threads each; beside
+    other sessions' tests a two-thread point took 150-570 s, a one-thread point 30-65 s (quiet: 13-16 s and 24-27
+    s; bench/mini_vtab/README.md)."""
+    if address or os.environ.get(ADDRESS_ENV) or device.startswith("cuda"):
+        return None
+    import torch
+
+    return 1 if device == "cpu" or not torch.cuda.is_available() else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", type=Path, default=DEFAULT_STORE, help="the run store folder (default %(default)s)")
@@ -360,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         "--cpus-per-point",
         type=int,
         default=None,
-        help="CPUs (torch threads) each point reserves; 1 runs one point per core at once (default: all cores)",
+        help="CPUs (torch threads) each point reserves (default: 1 when the points run on this machine's CPU, "
+        "one point per core at once; else a whole node's, or one GPU)",
     )
     parser.add_argument("--stop-after", type=float, default=None, metavar="MINUTES", help="cancel after this long")
     parser.add_argument("--results-only", action="store_true", help="only write the results from the store")
@@ -380,10 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     store = RunStore(ns.store)
     deadline = None if ns.stop_after is None else time.monotonic() + 60 * ns.stop_after
 
+    cpus = ns.cpus_per_point if ns.cpus_per_point is not None else one_cpu_per_point(ns.device, ns.address)
     running = not ns.results_only
     lr_spec = search_spec(grid, search)
     if not LR_CHOICE.is_file():
-        search_done = run_sweep(lr_spec, store, deadline, ns.address, ns.cpus_per_point) if running else False
+        search_done = run_sweep(lr_spec, store, deadline, ns.address, cpus) if running else False
         search_rows = point_rows(store, lr_spec, grid_points(lr_spec))
         search_rows.to_csv(HERE / "lr_search.csv", index=False, float_format="%.6g")
         if search_done or len(search_rows) == len(sweeps.check_points(lr_spec)):
@@ -394,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = grid_spec(grid, choice)
         stopped = deadline is not None and time.monotonic() > deadline
         if running and not stopped:
-            run_sweep(spec, store, deadline, ns.address, ns.cpus_per_point)
+            run_sweep(spec, store, deadline, ns.address, cpus)
         points = grid_points(spec)
         rows = point_rows(store, spec, points)
         search_state = "complete"
@@ -406,7 +422,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = write_results(rows, out)
     command = "python bench/mini_vtab/run.py" + "".join(
         f" --{name.replace('_', '-')} {shlex.quote(str(value))}"
-        for name, value in (("device", ns.device), ("img_size", ns.img_size), ("out", ns.out))
+        for name, value in (
+            ("device", ns.device),
+            ("img_size", ns.img_size),
+            ("cpus_per_point", ns.cpus_per_point),
+            ("out", ns.out),
+        )
         if value not in (None, "auto")
     )
     settings = {"device": ns.device, "img_size": grid["data"]["img_size"], "lr": choice, "lr_search": search_state}

@@ -372,3 +372,17 @@ def test_the_committed_mini_benchmark_figure_is_drawn_from_the_committed_results
     rows, _ = load_mini_benchmark()
     figure = BENCH / "pareto.svg"
     assert (figure.read_text() if figure.is_file() else "") == _mini_vtab_script().pareto_svg(rows)
+
+
+def test_the_mini_benchmark_takes_one_thread_per_point_on_this_cpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    choose = _mini_vtab_script().one_cpu_per_point
+    monkeypatch.delenv("PETLAB_RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert (choose("auto", None), choose("cpu", None)) == (1, 1)
+    assert choose("auto", "10.0.0.1:6379") is None and choose("cuda", None) is None  # a cluster's node, a GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert choose("auto", None) is None and choose("cpu", None) == 1  # auto runs on the GPU: one GPU per point
+    monkeypatch.setenv("PETLAB_RAY_ADDRESS", "10.0.0.1:6379")
+    assert choose("cpu", None) is None  # the cluster's nodes may have more cores than this machine

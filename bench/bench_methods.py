@@ -14,7 +14,10 @@ step (weights, buffers, optimizer state) plus the peak of the step's own allocat
 them op by op.
 
 Run: ``python bench/bench_methods.py`` (DINOv2-S, 112 px, batch 32), or the ViT-B case with
-``--model vit_base_patch16_224 --img-size 224 --batch 8``. Timing does not depend on the weights, so the backbone
+``--model vit_base_patch16_224 --img-size 224 --batch 8``. ``--inputs-kept`` adds, to the same rounds, FacT-TT,
+KAdaptation and LoRA with every adapted linear keeping its input for the backward instead of rebuilding it from
+the LayerNorm or GELU that made it (``core.methods.base.save_input``): what that rebuild costs in time and saves
+in memory. Timing does not depend on the weights, so the backbone
 is weightless unless ``--weights`` says otherwise.
 """
 
@@ -40,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from core import methods  # noqa: E402
 from core.backbone import BackboneSpec, build_backbone  # noqa: E402
+from core.methods import base as method_base  # noqa: E402
 
 FLOOR, PEFT_LORA, FULL = "floor (frozen, token shift)", "PEFT LoRA r8 (qkv)", "full"
 PRETRAINED = "pretrained"
@@ -100,6 +104,23 @@ def training_step(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], None]:
     return step
 
 
+def inputs_kept(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with no input rebuilt from its producer: every adapted linear keeps its input (``save_input``'s
+    table of rebuildable producers emptied for the step)."""
+    rebuilds = method_base._REBUILDS  # private: a measurement of its own effect
+
+    def run() -> None:
+        saved = dict(rebuilds)
+        rebuilds.clear()
+        try:
+            step()
+        finally:
+            rebuilds.update(saved)
+
+    run.optimizer = step.optimizer  # type: ignore[attr-defined]
+    return run
+
+
 def inference_step(model: nn.Module, x: Tensor) -> Callable[[], None]:
     model.eval()
 
@@ -151,9 +172,10 @@ def median_ratio(a: Timed, b: Timed) -> float:
 
 
 def build_models(
-    base: nn.Module, x: Tensor, y: Tensor, device: torch.device, only: set[str] | None
+    base: nn.Module, x: Tensor, y: Tensor, device: torch.device, only: set[str] | None, kept: bool = False
 ) -> tuple[list[tuple[Timed, nn.Module]], list[tuple[Timed, nn.Module]]]:
-    """(training steps, inference steps): the references, then every registered method at its defaults."""
+    """(training steps, inference steps): the references, then every registered method at its defaults (and with
+    ``kept`` the `inputs_kept` variants)."""
     makers: list[tuple[str, Callable[[nn.Module], nn.Module]]] = [
         (FLOOR, add_token_shift),
         (PEFT_LORA, peft_lora),
@@ -171,6 +193,10 @@ def build_models(
     for label, make in makers:
         model = make(copy.deepcopy(base)).to(device)
         training.append((Timed(label, training_step(model, x, y), trainable_count(model)), model))
+        if kept and label in ("fact-tt r8", "kadaptation", "lora r8 (q,v)"):
+            model = make(copy.deepcopy(base)).to(device)
+            step = inputs_kept(training_step(model, x, y))
+            training.append((Timed(f"{label}, inputs kept", step, trainable_count(model)), model))
     inference = [(Timed(PRETRAINED, inference_step(base, x)), base)]
     for name in (*SEED_METHODS, "lora"):
         if only is None or name in only:
@@ -197,6 +223,9 @@ def main() -> None:
         "and not the waiting",
     )
     parser.add_argument("--methods", default=None, help="comma list of method names to include (default: all)")
+    parser.add_argument(
+        "--inputs-kept", action="store_true", help="also FacT-TT, KAdaptation and LoRA keeping their inputs"
+    )
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -209,7 +238,7 @@ def main() -> None:
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
     only = set(args.methods.split(",")) if args.methods else None
-    training, inference = build_models(base, x, y, device, only)
+    training, inference = build_models(base, x, y, device, only, args.inputs_kept)
     everything = training + inference
 
     for _ in range(args.warmup):

@@ -223,6 +223,9 @@ def test_command_line_intrinsic_dimension_is_recorded(store: RunStore, tmp_path:
         (["--home", "/tmp/h", "--address", "auto", "train", "--steps", "3", "lora"], [(Path("/tmp/h"), "auto")]),
         (["intrinsic-dim", "--dataset", "digits"], [(None, None)]),
         (["sweep", "run", "--grid", "g.toml"], [(None, None)]),
+        (["sweep", "--grid", "g.toml"], [(None, None)]),
+        (["sweep", "--grid", "g.toml", "--address", "head:6379"], [(None, "head:6379")]),  # the issue's form
+        (["--address", "a:1", "train", "--address=b:2"], [(None, "b:2")]),  # the later one, as the parser reads it
         (["sweep", "resume", "sweep-1"], [(None, None)]),
         (["train", "--detach"], []),  # may start a lasting local Ray: only once the options are checked
         (["train", "lora", "--help"], []),
@@ -239,8 +242,47 @@ def test_command_line_starts_ray_before_importing_torch_for_job_commands(argv, p
 
     calls: list[tuple] = []
     monkeypatch.setattr(jobs, "prepare", lambda root=None, address=None: calls.append((root, address)))
-    core.cli._prepare_jobs(argv)
+    core.cli._prepare_jobs(core.cli._with_default_subcommand(argv))
     assert calls == prepared
+
+
+@pytest.mark.parametrize(
+    ("argv", "meant"),
+    [
+        (["sweep", "--grid", "g.toml"], ["sweep", "run", "--grid", "g.toml"]),
+        (["--home", "h", "sweep", "--method", "fact"], ["--home", "h", "sweep", "run", "--method", "fact"]),
+        (["--address", "auto", "sweep", "--grid", "g"], ["--address", "auto", "sweep", "run", "--grid", "g"]),
+        (["sweep", "run", "--grid", "g.toml"], ["sweep", "run", "--grid", "g.toml"]),
+        (["sweep", "list", "--json"], ["sweep", "list", "--json"]),
+        (["sweep", "--help"], ["sweep", "--help"]),
+        (["sweep"], ["sweep"]),
+        (["train", "--steps", "3"], ["train", "--steps", "3"]),
+        (["--home"], ["--home"]),
+    ],
+)
+def test_sweep_followed_by_options_runs_a_sweep(argv, meant) -> None:
+    """``python -m core sweep --grid FILE`` (the issue's form) is ``sweep run --grid FILE``; nothing else moves."""
+    import core.cli
+
+    assert core.cli._with_default_subcommand(argv) == meant
+
+
+@pytest.mark.parametrize(
+    ("argv", "address"),
+    [
+        (["sweep", "run", "--grid", "g.toml", "--address", "head:6379"], "head:6379"),
+        (["--address", "a:1", "train", "--address", "b:2"], "b:2"),
+        (["--address", "a:1", "intrinsic-dim"], "a:1"),
+        (["sweep", "resume", "s", "--address=c:3"], "c:3"),
+        (["train"], None),
+    ],
+)
+def test_address_is_read_before_or_after_the_command(argv, address) -> None:
+    """The full parser and the early reader that prepares Ray agree on which cluster a command means."""
+    import core.cli
+
+    assert core.cli.build_parser().parse_args(argv).address == address
+    assert core.cli._early(argv).address == address
 
 
 def test_command_line_module_imports_neither_torch_nor_timm() -> None:

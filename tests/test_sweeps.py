@@ -96,6 +96,7 @@ def test_a_bad_point_refuses_the_whole_sweep_with_nothing_recorded(tmp_path: Pat
     assert store.list_runs(kind=None).empty
     assert sweeps.list_sweeps(store.root) == [] and not (store.root / sweeps.SWEEPS_DIR).exists()
     assert main(["--home", str(store.root), "sweep", "run", "--method", "lora:rank=0", "--dataset", "digits"]) == 2
+    assert main(["--home", str(store.root), "sweep", "--method", "lora:rank=0", "--dataset", "digits"]) == 2
 
 
 def test_resuming_submits_only_the_points_without_a_result(tmp_path: Path, monkeypatch) -> None:

@@ -49,16 +49,13 @@ SUBMITTING = {("train",), ("intrinsic-dim",), ("sweep", "run"), ("sweep", "resum
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from core.cli.arguments import ADDRESS_HELP
+
     parser = argparse.ArgumentParser(prog="python -m core", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--home", type=Path, default=None, help="run store folder (default: $PETLAB_HOME or ~/.local/share/petlab)"
     )
-    parser.add_argument(
-        "--address",
-        default=None,
-        help="Ray cluster to run jobs on, HOST:PORT of `ray start --head` or 'auto' (default: $PETLAB_RAY_ADDRESS, "
-        "else an embedded local Ray that lives as long as the command)",
-    )
+    parser.add_argument("--address", default=None, help=ADDRESS_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
     for name in GROUPS:
         group = importlib.import_module(f"core.cli.{name}")
@@ -70,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every failure ends in one line on stderr, never a traceback (see the exit statuses above)."""
-    _prepare_jobs(sys.argv[1:] if argv is None else argv)
+    argv = _with_default_subcommand(sys.argv[1:] if argv is None else argv)
+    _prepare_jobs(argv)
     ns = build_parser().parse_args(argv)
     try:
         return COMMANDS[ns.command](ns)
@@ -102,19 +100,50 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _prepare_jobs(argv: list[str]) -> None:
-    """For a command that will submit a job and follow it (`SUBMITTING`, not with ``--help``, ``--dry-run`` or
-    ``--detach``), start Ray and the run store's job manager now (`core.jobs.prepare`), while the command imports
-    torch and checks its options. Only the options before the command are read here; the full parser checks
-    everything afterwards. A detached job may start a local Ray that outlives the command: not before its options
-    are known to be good."""
+DEFAULT_SUBCOMMANDS = {"sweep": "run"}
+"""A group followed directly by an option runs this subcommand: ``sweep --grid F`` is ``sweep run --grid F``."""
+
+
+def _with_default_subcommand(argv: list[str]) -> list[str]:
+    """``argv`` with `DEFAULT_SUBCOMMANDS`'s subcommand put in where a group is followed by an option (not help)."""
+    early = _early(argv)
+    words = [] if early is None else early.words
+    if len(words) < 2 or words[0] not in DEFAULT_SUBCOMMANDS:
+        return argv
+    if not words[1].startswith("-") or words[1] in ("-h", "--help"):
+        return argv
+    at = len(argv) - len(words) + 1  # just after the group's name
+    return [*argv[:at], DEFAULT_SUBCOMMANDS[words[0]], *argv[at:]]
+
+
+def _early(argv: list[str]) -> argparse.Namespace | None:
+    """``home`` and ``address`` (given before the command, or for ``address`` after it too, where the later one
+    counts, as in the full parser) and the ``words`` from the command on, read without the command modules; None
+    for a malformed line (the full parser then says what is wrong)."""
     early = argparse.ArgumentParser(add_help=False)
     early.add_argument("--home", type=Path, default=None)
     early.add_argument("--address", default=None)
     early.add_argument("words", nargs=argparse.REMAINDER)
     try:
-        ns, _ = early.parse_known_args(argv)
-    except SystemExit:  # a malformed line: the full parser says what is wrong
+        ns = early.parse_known_args(argv)[0]
+    except SystemExit:
+        return None
+    for index, word in enumerate(ns.words):
+        if word == "--address" and index + 1 < len(ns.words):
+            ns.address = ns.words[index + 1]
+        elif word.startswith("--address="):
+            ns.address = word.split("=", 1)[1]
+    return ns
+
+
+def _prepare_jobs(argv: list[str]) -> None:
+    """For a command that will submit a job and follow it (`SUBMITTING`, not with ``--help``, ``--dry-run`` or
+    ``--detach``), start Ray and the run store's job manager now (`core.jobs.prepare`), while the command imports
+    torch and checks its options. Only ``--home`` and ``--address`` are read here (`_early`); the full parser
+    checks everything afterwards. A detached job may start a local Ray that outlives the command: not before its
+    options are known to be good."""
+    ns = _early(argv)
+    if ns is None:
         return
     submits = {tuple(ns.words[:1]), tuple(ns.words[:2])} & SUBMITTING
     if submits and not {"-h", "--help", "--dry-run", "--detach"} & set(ns.words):

@@ -10,9 +10,20 @@ from typing import Any
 from core.config import coerce_fields, field_docs
 
 DETACH_HELP = (
-    "submit, print the run id and return at once (needs a Ray that outlives the command: --address, "
+    "submit, print the {what} and return at once (needs a Ray that outlives the command: --address, "
     "$PETLAB_RAY_ADDRESS, or a local cluster that PETLab starts with `ray start --head` and you stop with `ray stop`)"
 )
+ADDRESS_HELP = (
+    "Ray cluster to run jobs on, HOST:PORT of `ray start --head` or 'auto' (default: $PETLAB_RAY_ADDRESS, else an "
+    "embedded local Ray that lives as long as the command)"
+)
+
+
+def add_job_options(parser: argparse.ArgumentParser, what: str = "run id") -> None:
+    """``--detach``, and ``--address`` (also accepted before the command, where `core.cli` reads it) for a command
+    that submits jobs; ``what`` the command prints when detached."""
+    parser.add_argument("--detach", action="store_true", help=DETACH_HELP.format(what=what))
+    parser.add_argument("--address", default=argparse.SUPPRESS, help=ADDRESS_HELP)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type, defaults: Any = None) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from core import methods
 from core.backbone import BackboneSpec
-from core.cli.arguments import DETACH_HELP, add_config_arguments, coerced, config_options
+from core.cli.arguments import add_config_arguments, add_job_options, coerced, config_options
 from core.cli.follow import submit
 from core.data import DataSpec
 
@@ -51,7 +51,7 @@ def add_parsers(commands: Any) -> None:
         "strings separated by '|', one group each (default: attn-mlp)",
     )
     intrinsic_dim_parser.add_argument("--data-root", type=Path, default=None)
-    intrinsic_dim_parser.add_argument("--detach", action="store_true", help=DETACH_HELP)
+    add_job_options(intrinsic_dim_parser)
     intrinsic_dim_parser.add_argument(
         "--out", type=Path, default=None, help="folder for curves.csv, groups.csv and result.json"
     )

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from core.cli.arguments import DETACH_HELP
+from core.cli.arguments import add_job_options
 from core.cli.follow import follow_sweep
 from core.config import field_docs
 from core.data import DataSpec
@@ -23,7 +23,8 @@ def add_parsers(commands: Any) -> None:
         "sweep",
         help="grids of fine-tunes: run, resume, cancel, list",
         description="A sweep: every combination of methods and their options, datasets, seeds and training "
-        "settings, each a fine-tune run tagged with the sweep's id.",
+        "settings, each a fine-tune run tagged with the sweep's id. `sweep --grid FILE ...` (options straight "
+        "after `sweep`) is `sweep run --grid FILE ...`.",
     )
     sweep_cmd = parser.add_subparsers(dest="sweep_command", required=True)
     run = sweep_cmd.add_parser(
@@ -69,12 +70,12 @@ def add_parsers(commands: Any) -> None:
             )
     run.add_argument("--data-root", type=Path, default=None, help="folder that folder:/vtab: paths must lie in")
     run.add_argument("--dry-run", action="store_true", help="check and list the points with their estimates only")
-    run.add_argument("--detach", action="store_true", help=DETACH_HELP.replace("the run id", "the sweep id"))
+    add_job_options(run, "sweep id")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
     resume = sweep_cmd.add_parser("resume", help="submit again the points of a sweep that have no result yet")
     resume.add_argument("sweep_id", help="a sweep id or a unique prefix of one")
     resume.add_argument("--data-root", type=Path, default=None)
-    resume.add_argument("--detach", action="store_true", help=DETACH_HELP.replace("the run id", "the sweep id"))
+    add_job_options(resume, "sweep id")
     resume.add_argument("--quiet", action="store_true", help="no progress lines")
     cancel = sweep_cmd.add_parser("cancel", help="cancel a sweep: queued points end, running ones stop")
     cancel.add_argument("sweep_id")

@@ -8,7 +8,7 @@ from typing import Any
 
 from core import methods
 from core.backbone import BackboneSpec
-from core.cli.arguments import DETACH_HELP, add_config_arguments, coerced, config_options
+from core.cli.arguments import add_config_arguments, add_job_options, coerced, config_options
 from core.cli.follow import submit
 from core.config import field_docs
 from core.data import BAD_FILE_POLICIES, DataSpec, list_datasets
@@ -59,7 +59,7 @@ def add_parsers(commands: Any) -> None:
     add_config_arguments(parser.add_argument_group("training"), TrainConfig, DEMO_TRAIN)
     parser.add_argument("--label", default=None, help="a short name for the run")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
-    parser.add_argument("--detach", action="store_true", help=DETACH_HELP)
+    add_job_options(parser)
     method_parsers = parser.add_subparsers(dest="method", metavar="METHOD", help=", ".join(methods.list_methods()))
     for name in methods.list_methods():
         method = methods.get_method(name)

@@ -35,6 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing it
 
+from core.jobs import SYSTEM_CONFIG  # noqa: E402 - the bare Ray task starts Ray with the same settings
+
 IN_PROCESS = """
 import sys
 from core.experiment import DEMO, run_experiment
@@ -50,7 +52,7 @@ import os, sys, logging
 import ray
 cpus = os.cpu_count()
 ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
-    _system_config={"worker_niceness": 0})  # as core.jobs starts it
+    _system_config=SYSTEM_CONFIG)  # as core.jobs starts it
 
 @ray.remote(num_cpus=cpus, max_retries=0)
 def job(home, steps):
@@ -60,7 +62,7 @@ def job(home, steps):
     exec(IN_PROCESS)
 
 ray.get(job.remote(sys.argv[1], sys.argv[2]))
-""".replace("IN_PROCESS", repr(IN_PROCESS))
+""".replace("IN_PROCESS", repr(IN_PROCESS)).replace("SYSTEM_CONFIG", repr(SYSTEM_CONFIG))
 
 
 def timed(command: list[str], env: dict[str, str] | None = None) -> float:

@@ -1,13 +1,19 @@
 """Time ``core.spectra.spectra_report`` on random ViT-B-shaped weights with low-rank (LoRA-like) updates.
 
-Usage: python bench/bench_spectra.py [--repeats 3] [--depth 12] [--width 768] [--rank 8] [--threads 2]
-                                     [--against PATH]
+Usage: python bench/bench_spectra.py [--repeats 3] [--depth 12] [--width 768] [--rank 8] [--update-scale 1]
+                                     [--threads 2] [--against PATH]
 
 Every block contributes q, k, v, proj (width x width), fc1 (4 width x width) and fc2 (width x 4 width): 72
-matrices for ViT-B, each with a rank-``rank`` update. Prints the median wall time (time.perf_counter) and process
-CPU time (time.process_time, all threads: less sensitive to other work on the machine) of each mode over
-``repeats`` runs; writes nothing. With ``--against PATH`` (another checkout's root) the two versions of
-``core.spectra`` run alternately, and the median of the per-round ratios (this / other) is printed too.
+matrices for ViT-B, each with a rank-``rank`` update of ||dW||_F / ||W0||_F about 0.01 sqrt(rank) times
+``update-scale`` (0.03 by default; one mini-benchmark run each on DINOv2-S had 0.05 to 0.19 with LoRA, 0.09 to 2.2
+with FacT). Large updates bring new leading directions (intruders): from scratch, their cosines with every
+pretrained direction cost all the pretrained singular vectors, which small updates do without. The header says
+how many intruders the report finds.
+
+Prints the median wall time (time.perf_counter) and process CPU time (time.process_time, all threads: less
+sensitive to other work on the machine) of each mode over ``repeats`` runs; writes nothing. With ``--against
+PATH`` (another checkout's root) the two versions of ``core.spectra`` run alternately, and the median of the
+per-round ratios (this / other) is printed too.
 
 Modes:
     values: singular values of W0, W1 and dW only (``with_vectors=False``), from scratch.
@@ -44,9 +50,10 @@ import core.spectra  # noqa: E402
 
 
 def vit_updates(
-    depth: int, width: int, rank: int | None, seed: int = 0
+    depth: int, width: int, rank: int, seed: int = 0, scale: float = 1.0
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Random W0 (scaled like a trained layer) and a rank-``rank`` dW (None: full rank) for every matrix of a ViT."""
+    """Random W0 (scaled like a trained layer) and a rank-``rank`` dW (``scale`` times 0.01 sqrt(rank) ||W0||_F)
+    for every matrix of a ViT."""
     g = torch.Generator().manual_seed(seed)
     shapes = {
         "attn.qkv.q": (width, width),
@@ -60,7 +67,7 @@ def vit_updates(
     for block in range(depth):
         for name, (o, i) in shapes.items():
             w0 = torch.randn(o, i, generator=g) / i**0.5
-            dw = torch.randn(o, rank, generator=g) @ torch.randn(rank, i, generator=g) * (0.01 / i**0.5)
+            dw = torch.randn(o, rank, generator=g) @ torch.randn(rank, i, generator=g) * (0.01 * scale / i**0.5)
             out[f"blocks.{block}.{name}"] = (w0, dw)
     return out
 
@@ -114,20 +121,24 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=12)
     parser.add_argument("--width", type=int, default=768)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--update-scale", type=float, default=1.0, help="scale of every update (see above)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--against", type=Path, help="another checkout's root: time both versions alternately")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    updates = vit_updates(args.depth, args.width, args.rank)
+    updates = vit_updates(args.depth, args.width, args.rank, scale=args.update_scale)
     w0s = {name: w0 for name, (w0, _) in updates.items()}
     g = torch.Generator().manual_seed(1)
     dense = {name: (w0, torch.randn(w0.shape, generator=g) * (0.01 / w0.shape[1] ** 0.5)) for name, w0 in w0s.items()}
     versions = {"this": core.spectra} | ({} if args.against is None else {"other": spectra_from(args.against)})
     folders = {name: Path(tempfile.mkdtemp(prefix=f"bench_spectra_{name}_")) for name in versions}
+    summary = core.spectra.spectra_report(updates).summary
     print(
         f"spectra_report: {len(updates)} matrices (depth {args.depth}, width {args.width}), rank-{args.rank} "
-        f"updates, {torch.get_num_threads()} threads, median of {args.repeats}"
+        f"updates (||dW||_F / ||W0||_F {summary['update_fro_ratio'].mean():.3f} on average, "
+        f"{int(summary['intruders'].sum())} intruders among the top 10 of {int((summary['intruders'] > 0).sum())} "
+        f"matrices), {torch.get_num_threads()} threads, median of {args.repeats}"
         + ("" if args.against is None else f"; this checkout and {args.against} alternately")
     )
     try:

@@ -280,6 +280,10 @@ def test_a_new_big_direction_is_exactly_one_intruder(rows: int, cols: int) -> No
     assert float(hits["sigma"].iloc[0]) == pytest.approx(float(torch.linalg.svdvals(w0 + dw)[0]), rel=1e-5)
     assert float(hits["sigma"].iloc[0]) > 30.0 > float(s0[0])
     assert (report.intruders.loc[~report.intruders["is_intruder"], "max_cos"] > 0.99).all()
+    # the intruder's cosines are largest far below the top 4 k pretrained vectors (or spread over all of them):
+    # the cosines are then computed with every pretrained vector, and they are the dense SVD's
+    expected = dense_reference(w0.float().double(), dw.float().double(), k)["max_cos"]
+    torch.testing.assert_close(torch.tensor(report.intruders["max_cos"].to_numpy()), expected, atol=1e-6, rtol=0)
 
 
 def test_rank_r_update_summaries_by_hand() -> None:
@@ -427,16 +431,17 @@ def test_a_basis_kept_as_its_reduction_acts_as_the_explicit_one(n: int, lapack_p
     rng = np.random.default_rng(n)
     a = rng.standard_normal((n + 7, n))
     g = a.T @ a
-    tri = _lapack.Tridiagonal(np.tril(g))
-    z = tri.eigenvectors()[1][:, ::-1]  # descending, as the engine keeps them
-    implicit = PretrainedBasis(reduction=(tri, np.asfortranarray(z)))
+    implicit = PretrainedBasis(reduction=_lapack.Tridiagonal(np.tril(g)))
     explicit = PretrainedBasis(explicit=np.linalg.eigh(g)[1][:, ::-1].copy())
     x, y = rng.standard_normal((n, 3)), rng.standard_normal((n, 2))
+    k = min(n, 2)
+    leading = implicit.leading(k)  # by inverse iteration, before T's eigenvectors are computed
+    np.testing.assert_allclose(np.abs(leading.T @ explicit.leading(k)), np.eye(k), atol=1e-8)
     v = implicit.vectors(np.eye(n))
+    np.testing.assert_allclose(np.abs(v[:, :k].T @ leading), np.eye(k), atol=1e-8)
     np.testing.assert_allclose(np.abs(v.T @ explicit.vectors(np.eye(n))), np.eye(n), atol=1e-8)
     np.testing.assert_allclose(implicit.coordinates(x), v.T @ x, atol=1e-12)
     np.testing.assert_allclose(implicit.vectors(implicit.coordinates(x)), x, atol=1e-12)
-    k = min(n, 2)
     for basis in (implicit, explicit):
         both = basis.vectors(y, leading=k)
         np.testing.assert_allclose(both, np.hstack([basis.vectors(np.eye(n)[:, :k]), basis.vectors(y)]), atol=1e-12)
@@ -456,6 +461,28 @@ def test_every_eigen_route_gives_numpys_answer(vectors: int, lapack_path: str) -
         return
     assert z is not None and z.shape == (64, vectors)
     np.testing.assert_allclose(np.abs(np.sum(z * ref_z[:, ::-1][:, :vectors], axis=0)), 1.0, atol=1e-9)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_leading_vectors_by_inverse_iteration_are_numpys(split: bool, lapack_path: str) -> None:
+    """dstein at dsterf's values on an unreduced T; bisection first where T falls apart into blocks (two blocks
+    here, from a block-diagonal g, with the largest eigenvalues in both)."""
+    rng = np.random.default_rng(4)
+    a, b = rng.standard_normal((50, 30)), rng.standard_normal((40, 20))
+    if split:
+        g = np.zeros((50, 50))
+        g[:30, :30], g[30:, 30:] = a.T @ a, b.T @ b
+    else:
+        c = rng.standard_normal((60, 50))
+        g = c.T @ c
+    tri = _lapack.Tridiagonal(np.tril(g))
+    assert tri.splits() == split
+    ref_w, ref_z = np.linalg.eigh(g)
+    z = tri.leading_vectors(7)
+    assert z.shape == (50, 7)
+    np.testing.assert_allclose(np.abs(np.sum(z * ref_z[:, ::-1][:, :7], axis=0)), 1.0, atol=1e-9)
+    np.testing.assert_allclose(z.T @ z, np.eye(7), atol=1e-12)
+    assert tri.leading_vectors(0).shape == (50, 0)
 
 
 def test_small_singular_values_keep_their_relative_precision() -> None:

@@ -56,6 +56,10 @@ _ROUTINE_ARGUMENTS: dict[str, tuple[str, tuple[object, ...]]] = {
     "dsterf": ("lapack", (_INT, _ARRAY, _ARRAY, _INT)),
     "dstedc": ("lapack", (_CHAR, _INT, _ARRAY, _ARRAY, _ARRAY, _INT, _ARRAY, _INT, _IntArray, _INT, _INT)),
     "dormqr": ("lapack", (_CHAR, _CHAR, _INT, _INT, _INT, _ARRAY, _INT, _ARRAY, _ARRAY, _INT, _ARRAY, _INT, _INT)),
+    "dstein": (
+        "lapack",
+        (_INT, _ARRAY, _ARRAY, _INT, _ARRAY, _IntArray, _IntArray, _ARRAY, _INT, _ARRAY, _IntArray, _IntArray, _INT),
+    ),  # fmt: skip
     "dsyevd": ("lapack", (_CHAR, _CHAR, _INT, _ARRAY, _INT, _ARRAY, _ARRAY, _INT, _IntArray, _INT, _INT)),
 }
 
@@ -68,6 +72,7 @@ class _Routines(NamedTuple):
     dsterf: ctypes._CFuncPtr
     dstedc: ctypes._CFuncPtr
     dormqr: ctypes._CFuncPtr
+    dstein: ctypes._CFuncPtr
     dsyevd: ctypes._CFuncPtr
 
 
@@ -241,19 +246,57 @@ class Tridiagonal:
             _check(info.value, "dsytrd")
         self.n, self.reflectors = n, c
         self.e, self.tau = self.e[: n - 1], self.tau[: n - 1]
+        self._values: np.ndarray | None = None
 
     def eigenvalues(self) -> np.ndarray:
-        """All eigenvalues of T (= of g), ascending, by the root-free QR algorithm (dsterf)."""
+        """All eigenvalues of T (= of g), ascending, by the root-free QR algorithm (dsterf); kept for later calls."""
+        if self._values is None:
+            if self.n < 2:
+                self._values = self.d.copy()
+            elif _FAST is None:
+                self._values, info = scipy_lapack.dsterf(self.d, self.e)
+                _check(info, "dsterf")
+            else:
+                d, e, info = self.d.copy(), np.append(self.e, 0.0), ctypes.c_int(0)
+                _FAST.dsterf(_c_int(self.n), _data(d), _data(e), ctypes.byref(info))
+                _check(info.value, "dsterf")
+                self._values = d
+        return self._values.copy()
+
+    def splits(self) -> bool:
+        """Whether T falls apart into blocks: an off-diagonal entry negligible against its neighbours on the
+        diagonal, e_i^2 <= ulp^2 |d_i d_i+1| + safemin (the test dstebz splits T by)."""
+        ulp, safemin = np.finfo(np.float64).eps, np.finfo(np.float64).tiny
+        return bool(np.any(np.square(self.e) <= ulp**2 * np.abs(self.d[:-1] * self.d[1:]) + safemin))
+
+    def leading_vectors(self, m: int) -> np.ndarray:
+        """The eigenvectors of g for its ``m`` largest eigenvalues, descending, as columns (n x m).
+
+        T's are found by inverse iteration (dstein) at the eigenvalues ``eigenvalues`` gives, then Q is applied to
+        them alone (dormqr). dstein wants the eigenvalues of each block of T apart: where T splits, which block an
+        eigenvalue belongs to is found by bisection instead (dstebz, through scipy's ``eigh_tridiagonal``).
+        """
+        n = self.n
+        if m == 0:
+            return np.zeros((n, 0), order="F")
+        if n < 2 or self.splits():
+            t = scipy.linalg.eigh_tridiagonal(
+                self.d, self.e, select="i", select_range=(n - m, n - 1), check_finite=False
+            )[1]
+            return self.apply_q(t[:, ::-1])
+        w = self.eigenvalues()[n - m :]
+        block, split = np.ones(n, dtype=np.intc), np.full(n, n, dtype=np.intc)  # one block: rows 1..n
         if _FAST is None:
-            if self.n < 2:  # the wrapper wants a non-empty subdiagonal
-                return self.d.copy()
-            d, info = scipy_lapack.dsterf(self.d, self.e)
-            _check(info, "dsterf")
-            return d
-        d, e, info = self.d.copy(), np.append(self.e, 0.0), ctypes.c_int(0)
-        _FAST.dsterf(_c_int(self.n), _data(d), _data(e), ctypes.byref(info))
-        _check(info.value, "dsterf")
-        return d
+            t, info = scipy_lapack.dstein(self.d, self.e, w, block, split)
+            _check(info, "dstein")
+        else:
+            t, e, info = np.zeros((n, m), order="F"), np.append(self.e, 0.0), ctypes.c_int(0)
+            work, iwork, fail = np.empty(5 * n), np.empty(n, dtype=np.intc), np.empty(m, dtype=np.intc)
+            _FAST.dstein(_c_int(n), _data(self.d), _data(e), _c_int(m), _data(w), _data(block),
+                         _data(split), _data(t), _c_int(n), _data(work), _data(iwork), _data(fail),
+                         ctypes.byref(info))  # fmt: skip
+            _check(info.value, "dstein")
+        return self.apply_q(t[:, ::-1])
 
     def eigenvectors(self) -> tuple[np.ndarray, np.ndarray]:
         """All eigenvalues of T, ascending, and all its eigenvectors (columns, n x n), by divide and conquer (dstedc,

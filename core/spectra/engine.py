@@ -18,19 +18,23 @@ How it is computed, and why (``bench/bench_spectra.py`` measures the choices on 
   several times cheaper than LAPACK's SVD, for a square one about as cheap, and it exposes the pieces reused
   below. Results are float64 on the CPU whatever the inputs' device (float64 is slow on most GPUs).
 * All values and a few vectors for the price of the values: one Householder tridiagonalisation, all eigenvalues
-  from it (dsterf), the leading k vectors by bisection and inverse iteration, back-transformed alone.
+  from it (dsterf), the leading k vectors by inverse iteration at those values, back-transformed alone.
 * Low-rank updates, exactly. A seeded random range finder detects a float32 or float64 dW of rank r < 64 (LoRA,
   FacT, and most methods' per-matrix updates) up to the rounding a float32 product leaves (16 sqrt(n) eps
   ||dW||_F) and factors it dW = L R^T; its values come from an r-column problem. The tuned Gram matrix is then
-  the pretrained one plus a rank-2r term, so it is never formed from scratch: in the pretrained singular basis,
-  when known, it is diag(S0^2) plus that term. A dW that is exactly zero reuses the pretrained decomposition.
-  That n x n problem is still reduced to tridiagonal form: solving it as 2r rank-one updates (secular equations)
-  costs more at ViT sizes, each one O(n^2) per iteration outside BLAS, against the reduction's 4/3 n^3 in BLAS.
-* The pretrained basis without the product that forms it. The report needs every right singular vector of W0
-  (intruders compare with all of them; the tuned problem is posed in them), but only applied to a few columns:
-  it keeps them as V0 = Q Z (Q the reflectors of the tridiagonal reduction, Z the tridiagonal's eigenvectors by
-  divide and conquer) and applies Q by its reflectors, skipping the 2 n^3 back-transformation of a full
-  eigen-decomposition (``PretrainedBasis``). ``decompose``, whose vectors are stored, forms them.
+  the pretrained one plus a rank-2r term, so it is never formed from scratch: the pretrained Gram matrix plus
+  that term or, with a cached pretrained basis, diag(S0^2) plus that term in it. A dW that is exactly zero
+  reuses the pretrained decomposition. That n x n problem is still reduced to tridiagonal form: solving it as 2r
+  rank-one updates (secular equations) costs more at ViT sizes, each one O(n^2) per iteration outside BLAS,
+  against the reduction's 4/3 n^3 in BLAS.
+* The pretrained basis only as far as it is used. The report needs the leading right singular vectors of W0
+  (rotation) and, for intruders, the cosines of k tuned vectors with every pretrained one. It keeps the basis as
+  V0 = Q Z (Q the reflectors of the tridiagonal reduction, Z the tridiagonal's eigenvectors): the leading
+  vectors come by inverse iteration, and when a tuned vector's largest cosine with them provably exceeds any
+  other (the squared cosines sum to 1), no other is needed. Only tuned vectors far from the leading pretrained
+  ones (intruders) need all of Z, by divide and conquer, and Q is applied by its reflectors to those few columns,
+  skipping the 2 n^3 back-transformation of a full eigen-decomposition (``PretrainedBasis``). ``decompose``, whose
+  vectors are stored, forms them.
 * Pretrained decompositions are the same for every run on a backbone: ``decompose`` them once and pass them on
   (the app keeps them per backbone in memory, ``core.spectra.cache`` on disk); they are more than half the work
   of a report. With full-rank updates (full fine-tuning) no shortcut applies.
@@ -136,9 +140,9 @@ def eigh_descending(g: np.ndarray, vectors: int) -> tuple[np.ndarray, np.ndarray
     eigenvectors of the leading ``vectors`` of them as columns (None for 0).
 
     For a few vectors the Householder tridiagonalisation (the cost that matters, about 4/3 n^3) is done once:
-    every value comes from it by the root-free QR algorithm (dsterf), the leading vectors by bisection and inverse
-    iteration (dstebz/dstein), and the reflectors are applied to those vectors only (dormqr). That costs about
-    what the values alone cost, where asking LAPACK for all values and some vectors would run two reductions.
+    every value comes from it by the root-free QR algorithm (dsterf), the leading vectors by inverse iteration
+    at those values (``Tridiagonal.leading_vectors``). That costs about what the values alone cost, where asking
+    LAPACK for all values and some vectors would run two reductions.
     """
     n = g.shape[0]
     if vectors > 0 and (n < _TRIDIAGONAL_MIN or 4 * vectors >= n):
@@ -146,12 +150,7 @@ def eigh_descending(g: np.ndarray, vectors: int) -> tuple[np.ndarray, np.ndarray
         return w[::-1].copy(), np.ascontiguousarray(z[:, ::-1][:, :vectors])
     tri = Tridiagonal(g)
     values = tri.eigenvalues()[::-1].copy()
-    if vectors == 0:
-        return values, None
-    _, t = scipy.linalg.eigh_tridiagonal(
-        tri.d, tri.e, select="i", select_range=(n - vectors, n - 1), check_finite=False
-    )
-    return values, tri.apply_q(t[:, ::-1])  # g = Q T Q^T: eigenvectors of T -> of g
+    return values, (tri.leading_vectors(vectors) if vectors else None)
 
 
 def svd_of_gram(g: np.ndarray, vectors: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -319,37 +318,58 @@ def _analyse_update(d: np.ndarray, norm: float, eps: float) -> _Update:
 
 
 class PretrainedBasis:
-    """All right singular vectors V0 of the oriented A0 (n x n), explicit or as V0 = Q Z, without ever forming the
-    product: Q the Householder reflectors that tridiagonalise A0^T A0 = Q T Q^T, Z the eigenvectors of T.
+    """All right singular vectors V0 of the oriented A0 (n x n), explicit (a cached decomposition) or kept as the
+    Householder reduction A0^T A0 = Q T Q^T, never formed: V0 = Q Z with Z the eigenvectors of T.
 
-    A report never needs V0 itself, only V0^T X and V0 Y for a few columns; applying Q by its reflectors costs
-    O(n^2) per column, where forming Q Z (what dsyevd does after the same reduction) costs 2 n^3.
+    A report needs V0 only through a few columns: the leading ones (``leading``), and V0^T x or V0 y for a few
+    x, y (``coordinates``, ``vectors``). From the reduction the leading columns cost O(n^2) each (inverse iteration
+    on T, then Q by its reflectors); the others need all of Z, found by divide and conquer only when first asked
+    for (about as costly as the reduction itself). Forming Q Z, what dsyevd does after the same reduction, would
+    cost 2 n^3 more.
     """
 
-    def __init__(self, explicit: np.ndarray | None = None, reduction: tuple[Tridiagonal, np.ndarray] | None = None):
+    def __init__(self, explicit: np.ndarray | None = None, reduction: Tridiagonal | None = None):
         if (explicit is None) == (reduction is None):
-            raise ValueError("give either the explicit basis or the reduction (Q, Z)")
+            raise ValueError("give either the explicit basis or the reduction")
         self.explicit, self.reduction = explicit, reduction
+        self._z: np.ndarray | None = None  # T's eigenvectors, descending, once computed
+        self._leading = np.zeros((len(explicit) if reduction is None else reduction.n, 0))
+
+    def _all_of_t(self) -> np.ndarray:
+        assert self.reduction is not None
+        if self._z is None:
+            self._z = np.asfortranarray(self.reduction.eigenvectors()[1][:, ::-1])
+        return self._z
+
+    def leading(self, m: int) -> np.ndarray:
+        """The first ``m`` columns of V0 (n x m), kept for the next call."""
+        if self.explicit is not None:
+            return self.explicit[:, :m]
+        if self._leading.shape[1] < m:
+            assert self.reduction is not None
+            self._leading = (
+                self.reduction.apply_q(self._z[:, :m]) if self._z is not None else self.reduction.leading_vectors(m)
+            )
+        return self._leading[:, :m]
 
     def coordinates(self, x: np.ndarray) -> np.ndarray:
         """V0^T x for x (n x k)."""
         if self.reduction is None:
             return matmul(self.explicit.T, x)
-        tri, z = self.reduction
-        return matmul(z.T, tri.apply_q(x, transpose=True))
+        return matmul(self._all_of_t().T, self.reduction.apply_q(x, transpose=True))
 
     def vectors(self, y: np.ndarray, leading: int = 0) -> np.ndarray:
-        """V0 y for coordinates y (n x k), after the first ``leading`` columns of V0 (one application of Q for
-        both): n x (leading + k)."""
+        """V0 y for coordinates y (n x k), after the first ``leading`` columns of V0: n x (leading + k)."""
         if self.reduction is None:
             return np.hstack([self.explicit[:, :leading], matmul(self.explicit, y)])
-        tri, z = self.reduction
-        return tri.apply_q(np.hstack([z[:, :leading], matmul(z, y)]))
+        z = self._all_of_t()
+        return self.reduction.apply_q(np.hstack([z[:, :leading], matmul(z, y)]))
 
 
 class _Pretrained(NamedTuple):
-    """What the tuned decomposition reuses of the pretrained A0: all singular values, and all right singular
-    vectors (the short side) or, when those were not computed, the Gram matrix A0^T A0 (lower triangle)."""
+    """What the tuned decomposition reuses of the pretrained A0: all singular values, all right singular vectors
+    (the short side; None when not wanted) and, when A0 was decomposed here, its Gram matrix A0^T A0 (lower
+    triangle). A cached decomposition has its vectors explicit and no Gram matrix."""
 
     s: np.ndarray
     basis: PretrainedBasis | None
@@ -357,25 +377,21 @@ class _Pretrained(NamedTuple):
 
 
 def _pretrained(a0: np.ndarray, with_vectors: bool) -> _Pretrained:
-    """A0's singular values, with its basis kept as the tridiagonal reduction of A0^T A0 and T's eigenvectors (see
-    ``PretrainedBasis``), or without vectors its Gram matrix."""
+    """A0's singular values from one tridiagonal reduction of its Gram matrix, kept with that reduction as its
+    basis (see ``PretrainedBasis``) and with the Gram matrix."""
     g = gram_lower(a0)
-    if not with_vectors:
-        return _Pretrained(svd_of_gram(g, 0)[0], None, g)
     tri = Tridiagonal(g)
-    lam, z = tri.eigenvectors()
-    s = np.sqrt(np.clip(lam[::-1], 0.0, None))
-    return _Pretrained(s, PretrainedBasis(reduction=(tri, np.asfortranarray(z[:, ::-1]))), None)
+    s = np.sqrt(np.clip(tri.eigenvalues()[::-1], 0.0, None))
+    return _Pretrained(s, PretrainedBasis(reduction=tri) if with_vectors else None, g)
 
 
 class _Tuned(NamedTuple):
     """The decomposition of A1 = A0 + D: all singular values, and the leading right singular vectors either as
-    their coordinates in the pretrained basis (a low-rank D there) or explicitly, with A1 when it was formed."""
+    their coordinates in the pretrained basis (a low-rank D there) or explicitly."""
 
     s: np.ndarray
     coordinates: np.ndarray | None  # V0^T V1
     v: np.ndarray | None
-    a1: np.ndarray | None
 
 
 def _tuned_svd(a0: np.ndarray, d: np.ndarray, update: _Update, pre: _Pretrained, vectors: int) -> _Tuned:
@@ -383,51 +399,58 @@ def _tuned_svd(a0: np.ndarray, d: np.ndarray, update: _Update, pre: _Pretrained,
 
     A low-rank D = L R^T changes the Gram matrix by a symmetric rank-2r term: with P = A0^T L and
     W = P + R (L^T L) / 2, A1^T A1 = A0^T A0 + P R^T + R P^T + R L^T L R^T = A0^T A0 + W R^T + R W^T, whose lower
-    triangle one dsyr2k forms. In the pretrained basis V0, when known, A0^T A0 is diag(S0^2) and P, R become
-    V0^T P, V0^T R; otherwise the pretrained Gram matrix is reused. Either way O(n^2 r) work replaces a new
-    O(m n^2) product; an update without low rank gets A1^T A1 formed directly. Same eigenvalues either way.
+    triangle one dsyr2k forms. The pretrained Gram matrix, when A0 was decomposed here, is reused; with a cached
+    explicit basis V0 instead, A0^T A0 is diag(S0^2) in it and P, R become V0^T P, V0^T R. Either way O(n^2 r) work
+    replaces a new O(m n^2) product; an update without low rank gets A1^T A1 formed directly. Same eigenvalues
+    either way.
     """
-    if update.factors is not None and (pre.basis is not None or pre.gram is not None):
+    in_basis = pre.gram is None and pre.basis is not None
+    if update.factors is not None and (in_basis or pre.gram is not None):
         left, right = update.factors
         r = right.shape[1]
         z = np.hstack([matmul(a0.T, left), right])  # n x 2r: [P, R]
-        if pre.basis is not None:
+        if in_basis:
             z = pre.basis.coordinates(z)
         p, q = z[:, :r], np.ascontiguousarray(z[:, r:])
         g = symmetric_rank_2k_lower(p + matmul(q, matmul(left.T, left)) / 2, q)
-        if pre.basis is not None:
+        if in_basis:
             g[np.diag_indices_from(g)] += np.square(pre.s)
         else:
             g += pre.gram  # its upper triangle is zero: only the lower one is read
         s, y = svd_of_gram(g, vectors)
-        return _Tuned(s, y, None, None) if pre.basis is not None else _Tuned(s, None, y, None)
-    a1 = a0 + d
-    s, v = gram_svd(a1, vectors)
-    return _Tuned(s, None, v, a1)
+        return _Tuned(s, y, None) if in_basis else _Tuned(s, None, y)
+    s, v = gram_svd(a0 + d, vectors)
+    return _Tuned(s, None, v)
 
 
-def _pretrained_left_cosines(
-    a0: np.ndarray,
-    s0: np.ndarray,
-    basis: PretrainedBasis,
-    y: np.ndarray,
-    coordinates: np.ndarray | None,
-    transposed: bool,
+def _pretrained_left_max_cos(
+    a0: np.ndarray, s0: np.ndarray, basis: PretrainedBasis, y: np.ndarray, transposed: bool
 ) -> np.ndarray:
-    """|cos| of each tuned left vector (columns of y) with every pretrained left singular vector: (r0, k).
+    """The largest |cos| of each tuned left vector (columns of y, unit) with every pretrained left singular vector.
 
-    When W was transposed its left vectors are the basis itself: the cosines are V0^T y, the tuned vectors'
-    ``coordinates`` when known. Otherwise they are u0_i = A0 v0_i / s0_i, and U0^T y = diag(1/s0) V0^T (A0^T y)
-    without forming U0; directions with s0_i below the resolved floor (as for the relative changes) have no
-    well-defined vector and are left out. A zero W0 has no singular directions at all: every tuned vector is then
-    new (cosine 0).
+    When W was transposed its left vectors are the basis itself: the cosines are V0^T y. Otherwise they are
+    u0_i = A0 v0_i / s0_i, and U0^T y = diag(1/s0) V0^T (A0^T y) without forming U0; directions with s0_i below
+    the resolved floor (as for the relative changes) have no well-defined vector and are left out. A zero W0 has
+    no singular directions at all: every tuned vector is then new (cosine 0).
+
+    The cosines with the leading k pretrained vectors come first: the report has those vectors already. The
+    pretrained vectors are orthonormal, so the squared cosines of y with all of them sum to at most 1: when the
+    largest one found is at least the square root of what the others can still hold, it is the largest of all
+    (a tuned vector that is mostly a mix of leading pretrained ones, as after a small update). Only otherwise (a
+    tuned vector far from the leading pretrained ones, as an intruder is) are all cosines computed, which from a
+    reduction costs all of V0.
     """
+    k = y.shape[1]
     if not s0[0] > 0:
-        return np.zeros((1, y.shape[1]))
-    if transposed:
-        return np.abs(basis.coordinates(y) if coordinates is None else coordinates)
-    keep = s0 >= resolved_floor(s0, a0.shape[1])
-    return np.abs(basis.coordinates(matmul(a0.T, y))[keep] / s0[keep, None])
+        return np.zeros(k)
+    n = len(s0)
+    x = y if transposed else matmul(a0.T, y)
+    scale = np.ones(n) if transposed else np.where(s0 >= resolved_floor(s0, n), 1.0 / np.maximum(s0, 1e-300), 0.0)
+    first = np.abs(matmul(basis.leading(k).T, x)) * scale[:k, None]
+    largest = first.max(axis=0)
+    if k == n or bool(np.all(largest**2 >= 1.0 - np.square(first).sum(axis=0))):
+        return largest
+    return (np.abs(basis.coordinates(x)) * scale[:, None]).max(axis=0)
 
 
 class PairSpectra(NamedTuple):
@@ -440,8 +463,8 @@ class PairSpectra(NamedTuple):
         resolved_floor: the smallest value of W0 known to ``RELATIVE_PRECISION`` relative.
         sides: with vectors, "left" (output side) and "right" (input side) -> (the leading ``top`` singular
             vectors of W0, those of W1), in W's own orientation; None without vectors.
-        left_cosines: with vectors, |cos| of each leading left vector of W1 (columns) with every resolved left
-            singular vector of W0 (rows); None without vectors.
+        left_max_cos: with vectors, the largest |cos| of each leading left vector of W1 with every resolved left
+            singular vector of W0; None without vectors.
     """
 
     s0: np.ndarray
@@ -452,7 +475,7 @@ class PairSpectra(NamedTuple):
     update_rank: int
     resolved_floor: float
     sides: dict[str, tuple[np.ndarray, np.ndarray]] | None
-    left_cosines: np.ndarray | None
+    left_max_cos: np.ndarray | None
 
 
 def pair_spectra(name: str, w0: Tensor, dw: Tensor, cached: MatrixSVD | None, top: int) -> PairSpectra:
@@ -483,27 +506,28 @@ def pair_spectra(name: str, w0: Tensor, dw: Tensor, cached: MatrixSVD | None, to
         update = _analyse_update(d, d_norm, eps)
         tuned = _tuned_svd(a0, d, update, pre, top)
     else:  # W1 = W0
-        update, tuned = _Update(np.zeros(n), None), _Tuned(s0, np.eye(n, top), None, None)
-    sides, left_cosines = None, None
+        update, tuned = _Update(np.zeros(n), None), _Tuned(s0, None, None)
+    sides, left_max_cos = None, None
     if top > 0:
         assert basis is not None
-        if tuned.coordinates is not None:  # A0 V0 and A1 V1 = A0 V1 + L (R^T V1) from one pass over A0
+        if tuned.coordinates is not None:  # one application of the basis for both
             v = basis.vectors(tuned.coordinates, leading=top)
-            v0, v1 = v[:, :top], v[:, top:]
-            av = matmul(a0, v)
-            a0v0, a1v1 = av[:, :top], av[:, top:]
-            if update.factors is not None:
-                left, right = update.factors
-                a1v1 = a1v1 + matmul(left, matmul(right.T, v1))
         else:
-            assert tuned.v is not None and tuned.a1 is not None
-            v0, v1 = basis.vectors(np.zeros((n, 0)), leading=top), tuned.v
-            a0v0, a1v1 = matmul(a0, v0), matmul(tuned.a1, v1)
+            v0 = basis.leading(top)
+            v = np.hstack([v0, v0 if tuned.v is None else tuned.v])
+        v0, v1 = v[:, :top], v[:, top:]
+        av = matmul(a0, v)  # A0 V0 and A1 V1 = A0 V1 + D V1 from one pass over A0
+        a0v0, a1v1 = av[:, :top], av[:, top:]
+        if update.factors is not None:
+            left, right = update.factors
+            a1v1 = a1v1 + matmul(left, matmul(right.T, v1))
+        elif d_norm > 0:
+            a1v1 = a1v1 + matmul(d, v1)
         u0, u1 = long_side(a0v0), long_side(a1v1)
         # W's left (output) side is the oriented matrix's right side when it was transposed
         short, long = (v0, v1), (u0, u1)
         sides = {"left": short, "right": long} if transposed else {"left": long, "right": short}
-        left_cosines = _pretrained_left_cosines(a0, s0, basis, sides["left"][1], tuned.coordinates, transposed)
+        left_max_cos = _pretrained_left_max_cos(a0, s0, basis, sides["left"][1], transposed)
     return PairSpectra(
         s0=s0,
         s1=tuned.s,
@@ -513,7 +537,7 @@ def pair_spectra(name: str, w0: Tensor, dw: Tensor, cached: MatrixSVD | None, to
         update_rank=update_rank(update.values, tuple(w0.shape), eps),
         resolved_floor=resolved_floor(s0, n),
         sides=sides,
-        left_cosines=left_cosines,
+        left_max_cos=left_max_cos,
     )
 
 

@@ -163,7 +163,7 @@ def _analyse_matrix(
         "update_effective_rank": float(effective_rank(sd_t)),
         "update_stable_rank": float(stable_rank(sd_t)),
     }
-    if spectra.sides is None or spectra.left_cosines is None:
+    if spectra.sides is None or spectra.left_max_cos is None:
         return _MatrixResult(row, spectra.s0, spectra.s1, spectra.sd, rel.numpy(), {}, None, None)
     angles = {}
     for side, (pretrained_vectors, tuned_vectors) in spectra.sides.items():
@@ -171,7 +171,7 @@ def _analyse_matrix(
         row[f"{side}_overlap"] = overlap
         row[f"{side}_max_angle_deg"] = float(angle.max())
         angles[side] = angle.astype(np.float32)
-    found = intruders_from_cosines(torch.from_numpy(spectra.left_cosines.max(axis=0)), s1_t, intruder_threshold)
+    found = intruders_from_cosines(torch.from_numpy(spectra.left_max_cos), s1_t, intruder_threshold)
     row["intruders"] = found.count
     flags = np.zeros(len(found.max_cos), dtype=bool)
     flags[found.indices.numpy()] = True

@@ -17,8 +17,10 @@ Run: ``python bench/bench_methods.py`` (DINOv2-S, 112 px, batch 32), or the ViT-
 ``--model vit_base_patch16_224 --img-size 224 --batch 8``. ``--inputs-kept`` adds, to the same rounds, FacT-TT,
 KAdaptation and LoRA with every adapted linear keeping its input for the backward instead of rebuilding it from
 the LayerNorm or GELU that made it (``core.methods.base.save_input``): what that rebuild costs in time and saves
-in memory. Timing does not depend on the weights, so the backbone
-is weightless unless ``--weights`` says otherwise.
+in memory. ``--same-coverage`` adds rank-8 LoRA on FacT's six matrices of every block (q, k, v, proj, fc1, fc2):
+PEFT's (on the fused qkv, proj, fc1 and fc2) and PETLab's (``targets="all"``), the cost of a rank-8 path on as
+many linears as FacT adapts. Timing does not depend on the weights, so the backbone is weightless unless
+``--weights`` says otherwise.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from core import methods  # noqa: E402
 from core.backbone import BackboneSpec, build_backbone  # noqa: E402
 from core.methods import base as method_base  # noqa: E402
 
+SIX = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"  # PEFT's regular expression: not patch_embed.proj
 FLOOR, PEFT_LORA, FULL = "floor (frozen, token shift)", "PEFT LoRA r8 (qkv)", "full"
 PRETRAINED = "pretrained"
 SEED_METHODS = ("fact", "rlrr", "kadaptation")
@@ -70,9 +73,10 @@ def add_token_shift(model: nn.Module) -> nn.Module:
     return model
 
 
-def peft_lora(model: nn.Module) -> nn.Module:
-    """PEFT's LoRA, rank 8 and alpha 8 on every fused qkv, with the head trained."""
-    config = peft.LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"], lora_dropout=0.0)
+def peft_lora(model: nn.Module, targets: str | list[str] = ["qkv"]) -> nn.Module:  # noqa: B006 (never mutated)
+    """PEFT's LoRA, rank 8 and alpha 8 on every fused qkv (or the modules ``targets`` names, PEFT's form), with the
+    head trained."""
+    config = peft.LoraConfig(r=8, lora_alpha=8, target_modules=targets, lora_dropout=0.0)
     wrapped = peft.get_peft_model(model, config)
     wrapped.base_model.model.get_classifier().requires_grad_(True)
     return wrapped
@@ -172,10 +176,16 @@ def median_ratio(a: Timed, b: Timed) -> float:
 
 
 def build_models(
-    base: nn.Module, x: Tensor, y: Tensor, device: torch.device, only: set[str] | None, kept: bool = False
+    base: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    device: torch.device,
+    only: set[str] | None,
+    kept: bool = False,
+    same_coverage: bool = False,
 ) -> tuple[list[tuple[Timed, nn.Module]], list[tuple[Timed, nn.Module]]]:
     """(training steps, inference steps): the references, then every registered method at its defaults (and with
-    ``kept`` the `inputs_kept` variants)."""
+    ``kept`` the `inputs_kept` variants, with ``same_coverage`` LoRA on all six matrices)."""
     makers: list[tuple[str, Callable[[nn.Module], nn.Module]]] = [
         (FLOOR, add_token_shift),
         (PEFT_LORA, peft_lora),
@@ -187,8 +197,12 @@ def build_models(
         variants = {"fact": [("fact-tt r8", {"variant": "tt"}), ("fact-tk r8", {"variant": "tk"})]}.get(
             name, [("lora r8 (q,v)" if name == "lora" else name, {})]
         )
+        if name == "lora" and same_coverage:
+            variants.append(("lora r8 (all six)", {"targets": "all"}))
         for label, options in variants:
             makers.append((label, lambda model, name=name, options=options: methods.apply(model, name, **options)))
+    if same_coverage:
+        makers.append(("PEFT LoRA r8 (all six)", lambda model: peft_lora(model, SIX)))
     training = []
     for label, make in makers:
         model = make(copy.deepcopy(base)).to(device)
@@ -226,6 +240,7 @@ def main() -> None:
     parser.add_argument(
         "--inputs-kept", action="store_true", help="also FacT-TT, KAdaptation and LoRA keeping their inputs"
     )
+    parser.add_argument("--same-coverage", action="store_true", help="also LoRA on FacT's six matrices of every block")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -238,7 +253,7 @@ def main() -> None:
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
     only = set(args.methods.split(",")) if args.methods else None
-    training, inference = build_models(base, x, y, device, only, args.inputs_kept)
+    training, inference = build_models(base, x, y, device, only, args.inputs_kept, args.same_coverage)
     everything = training + inference
 
     for _ in range(args.warmup):

@@ -31,7 +31,7 @@ How it is computed, and why (``bench/bench_spectra.py`` measures the choices on 
   (rotation) and, for intruders, the cosines of k tuned vectors with every pretrained one. It keeps the basis as
   V0 = Q Z (Q the reflectors of the tridiagonal reduction, Z the tridiagonal's eigenvectors): the leading
   vectors come by inverse iteration, and when a tuned vector's largest cosine with them provably exceeds any
-  other (the squared cosines sum to 1), no other is needed. Only tuned vectors far from the leading pretrained
+  other (the squared cosines sum to at most 1), no other is needed. Only tuned vectors far from the leading pretrained
   ones (intruders) need all of Z, by divide and conquer, and Q is applied by its reflectors to those few columns,
   skipping the 2 n^3 back-transformation of a full eigen-decomposition (``PretrainedBasis``). ``decompose``, whose
   vectors are stored, forms them.

@@ -121,8 +121,8 @@ class RescaledLinear(torch.autograd.Function):
             weighted = [(grad_rows[:, lo:hi].T @ x_rows).mul_(weight[lo:hi]) for lo, hi in spans]  # G * W
             weighted = (weighted[0] if len(spans) == 1 else torch.cat(weighted)).view(len(rows), -1, x_rows.shape[1])
             line, col = scale_line.to(weighted.dtype), scale_col.to(weighted.dtype)
-            grad_line = torch.stack([block @ c for block, c in zip(weighted, col, strict=True)])
-            grad_col = torch.stack([l @ block for block, l in zip(weighted, line, strict=True)])
+            grad_line = torch.bmm(weighted, col.unsqueeze(-1)).squeeze(-1)  # per block: (G * W) c
+            grad_col = torch.bmm(line.unsqueeze(1), weighted).squeeze(1)  # per block: l^T (G * W)
         return grad_x, None, grad_bias, grad_line, grad_col, None
 
 

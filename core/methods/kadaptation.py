@@ -117,10 +117,11 @@ class SlowWeights(Shared):
 
 def drop_connect(update: Tensor, p: float) -> Tensor:
     """DropConnect: each entry of ``update`` kept with probability 1 - p and scaled by 1 / (1 - p), else zeroed.
-    The mask comes from one uniform draw per entry (a cheaper generator than ``bernoulli_``); autograd keeps it as
-    booleans."""
-    dropped = torch.rand_like(update) < p
-    return update.masked_fill(dropped, 0.0) * (1 / (1 - p))
+    The mask comes from one uniform draw per entry (a cheaper generator than ``bernoulli_``), made in place into
+    the factor 0 or 1 / (1 - p) that multiplies the update: a product is several times faster than a masked fill
+    on the CPU, forward and backward."""
+    keep = torch.rand_like(update).ge_(p).mul_(1 / (1 - p))
+    return update * keep
 
 
 def updated_weight(weight: Tensor, update: Tensor, rows: tuple[tuple[int, int], ...], dtype: torch.dtype) -> Tensor:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from core import methods
-from core.methods.base import AdapterModule, LinearWrapper, ScaleShift, Wrapper
+from core.methods.base import AdapterModule, LinearWrapper, ScaleShift, Wrapper, long_contraction
 from core.methods.fact import FacTProduct
 from core.methods.kadaptation import UpdatedRowsLinear, drop_connect
 from core.methods.rlrr import RescaledLinear
@@ -319,3 +319,18 @@ def test_kadaptation_dropconnect_forward_is_the_frozen_output_plus_the_dropped_u
     torch.testing.assert_close(fast, dense, rtol=1e-5, atol=1e-6)
     for ours, reference in zip(fast_grads, dense_grads, strict=True):
         torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [64, 63])  # splits into one chunk per thread / does not split evenly
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_long_contraction_is_the_transposed_product(rows: int, threads: int) -> None:
+    g = torch.Generator().manual_seed(rows)
+    a = torch.randn(rows, 5, generator=g, dtype=torch.float64)
+    b = torch.randn(7, rows, generator=g, dtype=torch.float64).T  # not contiguous
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = long_contraction(a, b)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, a.T @ b, rtol=1e-12, atol=1e-12)

@@ -282,6 +282,25 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def long_contraction(a: Tensor, b: Tensor) -> Tensor:
+    """``a^T b`` for a (M x k) with few columns and b (M x n) over a long M: the gradient of a thin product's small
+    factor (its code against the input or the output gradient).
+
+    On the CPU one such product keeps about one core busy whatever the threads (its k x n output is too small to
+    share out). Split along M into one equal chunk per thread and run as one batched product, it uses them all;
+    the chunks' results are then summed (the rounding differs from one product's). On other devices, or where M
+    does not split evenly, it is one product.
+    """
+    m = a.shape[0]
+    chunks = torch.get_num_threads() if a.device.type == "cpu" else 1
+    while chunks > 1 and m % chunks:
+        chunks -= 1
+    if chunks == 1:
+        return a.T @ b
+    a_chunks, b_chunks = a.reshape(chunks, m // chunks, -1), b.reshape(chunks, m // chunks, -1)
+    return torch.bmm(a_chunks.transpose(1, 2), b_chunks).sum(0)
+
+
 def _layer_norm_output(node: torch.autograd.graph.Node) -> Tensor:
     """A LayerNorm's output from what its backward keeps: the input and the mean and 1/std it normalised with
     (equal to the forward's output up to rounding)."""
@@ -346,7 +365,7 @@ class CodeProduct(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_x = (grad_rows @ reduce).view(x.shape)
             if ctx.needs_input_grad[1]:
-                grad_reduce = grad_rows.T @ x.reshape(-1, x.shape[-1])
+                grad_reduce = long_contraction(grad_rows, x.reshape(-1, x.shape[-1]))
         return grad_x, grad_reduce
 
 

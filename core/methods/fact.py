@@ -39,6 +39,7 @@ from core.methods.base import (
     Targets,
     compute_dtype,
     inject_per_linear,
+    long_contraction,
     save_input,
     saved_input,
     share,
@@ -151,13 +152,13 @@ class FacTProduct(torch.autograd.Function):
             if len(blocks) == grad_out.shape[1]:
                 flat = grad_out.view(-1, d)
                 grad_z = (flat @ expand.T).view(rows.shape[0], -1)
-                grad_expand = z.view(-1, r).T @ flat
+                grad_expand = long_contraction(z.view(-1, r), flat)
             else:
                 grad_z = torch.cat([grad_out[:, block] @ expand.T for block in blocks], dim=1)
                 grad_expand = sum(z[:, j * r : (j + 1) * r].T @ grad_out[:, block] for j, block in enumerate(blocks))
             if mask is not None:
                 grad_z = torch.ops.aten.native_dropout_backward(grad_z, mask, 1 / (1 - ctx.dropout))
-            grad_reduce = grad_z.T @ rows
+            grad_reduce = long_contraction(grad_z, rows)
             grad_x = grad_weight = grad_bias = None
             if ctx.needs_input_grad[0]:
                 grad_x = (grad_rows @ weight).addmm_(grad_z, reduce).view(x.shape)

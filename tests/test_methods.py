@@ -321,6 +321,18 @@ def test_kadaptation_dropconnect_forward_is_the_frozen_output_plus_the_dropped_u
         torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
 
 
+def test_drop_connect_keeps_each_entry_with_probability_1_minus_p_and_rescales_it() -> None:
+    update = torch.randn(3, 40, 50, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(5)
+    dropped = drop_connect(update, 0.3)
+    torch.manual_seed(5)
+    keep = torch.rand_like(update) >= 0.3  # the same draws
+    assert 0.65 < keep.double().mean() < 0.75
+    torch.testing.assert_close(dropped, torch.where(keep, update / 0.7, 0.0), rtol=1e-15, atol=0)
+    (grad,) = torch.autograd.grad(dropped, update, torch.ones_like(update))
+    torch.testing.assert_close(grad, keep.double() / 0.7, rtol=1e-15, atol=0)
+
+
 @pytest.mark.parametrize("rows", [64, 63])  # splits into one chunk per thread / does not split evenly
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_long_contraction_is_the_transposed_product(rows: int, threads: int) -> None:

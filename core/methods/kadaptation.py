@@ -115,13 +115,26 @@ class SlowWeights(Shared):
         self.right = nn.ParameterDict({k: nn.Parameter(torch.empty(n, n, **kw).uniform_(-0.01, 0.01)) for k in kinds})
 
 
+class _Kept(torch.autograd.Function):
+    """``update * keep * scale`` for a boolean ``keep``, which is what the backward keeps (one byte an entry)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, update: Tensor, keep: Tensor, scale: float) -> Tensor:
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return torch.mul(update, keep).mul_(scale)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (keep,) = ctx.saved_tensors
+        return torch.mul(grad, keep).mul_(ctx.scale), None, None
+
+
 def drop_connect(update: Tensor, p: float) -> Tensor:
     """DropConnect: each entry of ``update`` kept with probability 1 - p and scaled by 1 / (1 - p), else zeroed.
-    The mask comes from one uniform draw per entry (a cheaper generator than ``bernoulli_``), made in place into
-    the factor 0 or 1 / (1 - p) that multiplies the update: a product is several times faster than a masked fill
-    on the CPU, forward and backward."""
-    keep = torch.rand_like(update).ge_(p).mul_(1 / (1 - p))
-    return update * keep
+    The mask comes from one uniform draw per entry (a cheaper generator than ``bernoulli_``) and is applied as a
+    product with the boolean mask, forward and backward: on the CPU a masked fill took twice as long."""
+    return _Kept.apply(update, torch.rand_like(update) >= p, 1 / (1 - p))
 
 
 def updated_weight(weight: Tensor, update: Tensor, rows: tuple[tuple[int, int], ...], dtype: torch.dtype) -> Tensor:

@@ -321,11 +321,11 @@ class PretrainedBasis:
     """All right singular vectors V0 of the oriented A0 (n x n), explicit (a cached decomposition) or kept as the
     Householder reduction A0^T A0 = Q T Q^T, never formed: V0 = Q Z with Z the eigenvectors of T.
 
-    A report needs V0 only through a few columns: the leading ones (``leading``), and V0^T x or V0 y for a few
-    x, y (``coordinates``, ``vectors``). From the reduction the leading columns cost O(n^2) each (inverse iteration
-    on T, then Q by its reflectors); the others need all of Z, found by divide and conquer only when first asked
-    for (about as costly as the reduction itself). Forming Q Z, what dsyevd does after the same reduction, would
-    cost 2 n^3 more.
+    A report needs V0 only through a few columns: the leading ones (``leading``), V0^T x for a few x
+    (``coordinates``) and, with an explicit basis, V0 y (``vectors``). From the reduction the leading columns cost
+    O(n^2) each (inverse iteration on T, then Q by its reflectors); V0^T x needs all of Z, found by divide and
+    conquer only when first asked for (about as costly as the reduction itself). Forming Q Z, what dsyevd does
+    after the same reduction, would cost 2 n^3 more.
     """
 
     def __init__(self, explicit: np.ndarray | None = None, reduction: Tridiagonal | None = None):
@@ -359,11 +359,11 @@ class PretrainedBasis:
         return matmul(self._all_of_t().T, self.reduction.apply_q(x, transpose=True))
 
     def vectors(self, y: np.ndarray, leading: int = 0) -> np.ndarray:
-        """V0 y for coordinates y (n x k), after the first ``leading`` columns of V0: n x (leading + k)."""
-        if self.reduction is None:
-            return np.hstack([self.explicit[:, :leading], matmul(self.explicit, y)])
-        z = self._all_of_t()
-        return self.reduction.apply_q(np.hstack([z[:, :leading], matmul(z, y)]))
+        """V0 y for coordinates y (n x k), after the first ``leading`` columns of V0: n x (leading + k). For an
+        explicit basis only: the tuned problem is posed in the pretrained basis only when that basis is cached."""
+        if self.explicit is None:
+            raise ValueError("vectors from coordinates need the explicit basis")
+        return np.hstack([self.explicit[:, :leading], matmul(self.explicit, y)])
 
 
 class _Pretrained(NamedTuple):

@@ -333,7 +333,6 @@ class PretrainedBasis:
             raise ValueError("give either the explicit basis or the reduction")
         self.explicit, self.reduction = explicit, reduction
         self._z: np.ndarray | None = None  # T's eigenvectors, descending, once computed
-        self._leading = np.zeros((len(explicit) if reduction is None else reduction.n, 0))
 
     def _all_of_t(self) -> np.ndarray:
         assert self.reduction is not None
@@ -342,15 +341,11 @@ class PretrainedBasis:
         return self._z
 
     def leading(self, m: int) -> np.ndarray:
-        """The first ``m`` columns of V0 (n x m), kept for the next call."""
+        """The first ``m`` columns of V0 (n x m)."""
         if self.explicit is not None:
             return self.explicit[:, :m]
-        if self._leading.shape[1] < m:
-            assert self.reduction is not None
-            self._leading = (
-                self.reduction.apply_q(self._z[:, :m]) if self._z is not None else self.reduction.leading_vectors(m)
-            )
-        return self._leading[:, :m]
+        assert self.reduction is not None
+        return self.reduction.leading_vectors(m)
 
     def coordinates(self, x: np.ndarray) -> np.ndarray:
         """V0^T x for x (n x k)."""
@@ -424,9 +419,10 @@ def _tuned_svd(a0: np.ndarray, d: np.ndarray, update: _Update, pre: _Pretrained,
 
 
 def _pretrained_left_max_cos(
-    a0: np.ndarray, s0: np.ndarray, basis: PretrainedBasis, y: np.ndarray, transposed: bool
+    a0: np.ndarray, s0: np.ndarray, basis: PretrainedBasis, v0: np.ndarray, y: np.ndarray, transposed: bool
 ) -> np.ndarray:
-    """The largest |cos| of each tuned left vector (columns of y, unit) with every pretrained left singular vector.
+    """The largest |cos| of each tuned left vector (columns of y, unit) with every pretrained left singular vector,
+    given the leading right singular vectors ``v0`` of A0 (as many as y has columns).
 
     When W was transposed its left vectors are the basis itself: the cosines are V0^T y. Otherwise they are
     u0_i = A0 v0_i / s0_i, and U0^T y = diag(1/s0) V0^T (A0^T y) without forming U0; directions with s0_i below
@@ -446,7 +442,7 @@ def _pretrained_left_max_cos(
     n = len(s0)
     x = y if transposed else matmul(a0.T, y)
     scale = np.ones(n) if transposed else np.where(s0 >= resolved_floor(s0, n), 1.0 / np.maximum(s0, 1e-300), 0.0)
-    first = np.abs(matmul(basis.leading(k).T, x)) * scale[:k, None]
+    first = np.abs(matmul(v0.T, x)) * scale[:k, None]
     largest = first.max(axis=0)
     if k == n or bool(np.all(largest**2 >= 1.0 - np.square(first).sum(axis=0))):
         return largest
@@ -527,7 +523,7 @@ def pair_spectra(name: str, w0: Tensor, dw: Tensor, cached: MatrixSVD | None, to
         # W's left (output) side is the oriented matrix's right side when it was transposed
         short, long = (v0, v1), (u0, u1)
         sides = {"left": short, "right": long} if transposed else {"left": long, "right": short}
-        left_max_cos = _pretrained_left_max_cos(a0, s0, basis, sides["left"][1], transposed)
+        left_max_cos = _pretrained_left_max_cos(a0, s0, basis, v0, sides["left"][1], transposed)
     return PairSpectra(
         s0=s0,
         s1=tuned.s,

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from core import methods
-from core.methods.base import AdapterModule, LinearWrapper, ScaleShift, Wrapper, long_contraction
-from core.methods.fact import FacTProduct
+from core.methods.base import AdapterModule, LinearWrapper, LowRankProduct, ScaleShift, Wrapper, long_contraction
 from core.methods.kadaptation import UpdatedRowsLinear, drop_connect
 from core.methods.rlrr import RescaledLinear
 from tests.conftest import tiny_vit
@@ -261,23 +260,35 @@ def test_kadaptation_written_out_backward_matches_autograd(rows: tuple[tuple[int
     assert torch.autograd.gradcheck(lambda *a: UpdatedRowsLinear.apply(a[0], weight, *a[1:], rows), (x, bias, update))
 
 
-# (input chunks, output blocks, adapted blocks): qkv with all slices, q and v only, fc1, fc2.
-FACT_LAYOUTS = [(1, 3, (0, 1, 2)), (1, 3, (0, 2)), (1, 4, (0, 1, 2, 3)), (4, 1, (0,))]
+# (input chunks, output blocks, adapted blocks, one expansion per block): qkv with all slices, q and v only, fc1,
+# fc2, and q and v with their own expansions (KAdaptation).
+PRODUCT_LAYOUTS = [
+    (1, 3, (0, 1, 2), False),
+    (1, 3, (0, 2), False),
+    (1, 4, (0, 1, 2, 3), False),
+    (4, 1, (0,), False),
+    (1, 3, (2, 0), True),
+]
 
 
-def _fact_product_by_autograd(x, weight, bias, reduce, expand, blocks, dropout):
-    """FacTProduct's forward written with plain differentiable ops (the same dropout draw for the same seed)."""
-    r, d = expand.shape
+def _low_rank_product_by_autograd(x, weight, bias, reduce, expand, blocks, dropout):
+    """LowRankProduct's forward written with plain differentiable ops (the same dropout draw for the same seed)."""
+    r, d = expand.shape[-2:]
     z = x @ reduce.T
     if dropout > 0:
         z = torch.native_dropout(z, dropout, True)[0]
+    codes = z.unflatten(-1, (-1, r))
+    update = codes @ expand if expand.dim() == 2 else torch.einsum("...kr,krd->...kd", codes, expand)
     out = F.linear(x, weight, bias).unflatten(-1, (-1, d))
-    delta = torch.zeros_like(out).index_add(-2, torch.tensor(blocks), z.unflatten(-1, (-1, r)) @ expand)
-    return (out + delta).flatten(-2)
+    return (out + torch.zeros_like(out).index_add(-2, torch.tensor(blocks), update)).flatten(-2)
 
 
-@pytest.mark.parametrize(("chunks", "n_blocks", "blocks"), FACT_LAYOUTS, ids=["qkv", "q,v", "fc1", "fc2"])
-def test_fact_written_out_backward_matches_autograd(chunks: int, n_blocks: int, blocks: tuple[int, ...]) -> None:
+@pytest.mark.parametrize(
+    ("chunks", "n_blocks", "blocks", "per_block"), PRODUCT_LAYOUTS, ids=["qkv", "q,v", "fc1", "fc2", "q,v-own"]
+)
+def test_low_rank_product_written_out_backward_matches_autograd(
+    chunks: int, n_blocks: int, blocks: tuple[int, ...], per_block: bool
+) -> None:
     gen = torch.Generator().manual_seed(0)
     r, d = 2, 4
 
@@ -285,11 +296,12 @@ def test_fact_written_out_backward_matches_autograd(chunks: int, n_blocks: int, 
         return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
 
     x, weight, bias = leaf(2, 3, chunks * d), leaf(n_blocks * d, chunks * d), leaf(n_blocks * d)
-    inputs = (x, weight, bias, leaf(len(blocks) * r, chunks * d), leaf(r, d))
-    assert torch.autograd.gradcheck(lambda *a: FacTProduct.apply(*a, blocks, 0.0), inputs)
+    expand = leaf(len(blocks), r, d) if per_block else leaf(r, d)
+    inputs = (x, weight, bias, leaf(len(blocks) * r, chunks * d), expand)
+    assert torch.autograd.gradcheck(lambda *a: LowRankProduct.apply(*a, blocks, 0.0), inputs)
     grad_y = torch.randn(2, 3, n_blocks * d, generator=gen, dtype=torch.float64)
     results = []
-    for fn in (FacTProduct.apply, _fact_product_by_autograd):
+    for fn in (LowRankProduct.apply, _low_rank_product_by_autograd):
         torch.manual_seed(4)
         y = fn(*inputs, blocks, 0.5)
         results.append((y, *torch.autograd.grad(y, inputs, grad_y)))

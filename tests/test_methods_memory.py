@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core import methods
-from core.methods.base import CodeProduct
-from core.methods.fact import FacTLinear, FacTProduct
-from core.methods.kadaptation import UpdatedRowsLinear
+from core.methods.base import CodeProduct, LowRankProduct
+from core.methods.fact import FacTLinear
+from core.methods.kadaptation import KronLinear, UpdatedRowsLinear
 from core.methods.lora import LoRALinear
 from tests.conftest import tiny_vit
 
@@ -55,15 +55,16 @@ def _kept_per_sample(model: nn.Module) -> float:
         ("fact", dict(variant="tt", rank=4)),
         ("fact", dict(variant="tk", rank=2, dropout=0.0)),
         ("kadaptation", {}),
+        ("kadaptation", dict(dropout=0.0, rank=2)),
         ("lora", dict(rank=2, targets="all")),
     ],
-    ids=["fact-tt", "fact-tk-no-dropout", "kadaptation", "lora-all"],
+    ids=["fact-tt", "fact-tk-no-dropout", "kadaptation", "kadaptation-no-dropout", "lora-all"],
 )
 def test_adapted_linears_keep_no_activation_beyond_the_frozen_backbone(shape: str, name: str, options: dict) -> None:
-    """Per image, FacT and LoRA models keep the frozen backbone's activations plus their rank-r codes (and FacT's
-    dropout masks), KAdaptation (DropConnect) the frozen backbone's alone: the inputs of qkv, fc1 and fc2 are
-    rebuilt from norm1, norm2 and the activation, and proj's is a view of the attention output, which attention
-    keeps."""
+    """Per image, FacT, LoRA and KAdaptation without dropout keep the frozen backbone's activations plus their codes
+    (and FacT's dropout masks), KAdaptation with DropConnect the frozen backbone's alone: the inputs of qkv, fc1 and
+    fc2 are rebuilt from norm1, norm2 and the activation, and proj's is a view of the attention output, which
+    attention keeps."""
     base = tiny_vit(shape)
     floor = _with_token_shift(copy.deepcopy(base).requires_grad_(False)).train()
     model = _with_token_shift(methods.apply(copy.deepcopy(base), name, **options)).train()
@@ -75,7 +76,10 @@ def test_adapted_linears_keep_no_activation_beyond_the_frozen_backbone(shape: st
             code_bytes += tokens * len(module.out_blocks) * module.shared.U.shape[0] * per_code
         if isinstance(module, LoRALinear):
             code_bytes += tokens * module.lora_A.shape[0] * module.lora_A.shape[1] * 4
-    assert (name != "kadaptation") == (code_bytes > 0)
+        if isinstance(module, KronLinear) and module.dropout == 0:
+            parts, n, _, r = module.fast_u.shape
+            code_bytes += tokens * parts * n * r * 4
+    assert (name == "kadaptation" and options.get("dropout") != 0) == (code_bytes == 0)
     assert _kept_per_sample(model) - _kept_per_sample(floor) == code_bytes
 
 
@@ -93,7 +97,7 @@ def _fact_product(x: Tensor, gen: torch.Generator) -> tuple[Tensor, tuple[Tensor
     leaves += (torch.randn(2 * r, d, generator=gen), torch.randn(r, d, generator=gen))
     leaves = tuple(t.requires_grad_() for t in leaves)
     torch.manual_seed(5)  # the same dropout mask for both inputs
-    return FacTProduct.apply(x, *leaves, (0, 2), 0.5), leaves
+    return LowRankProduct.apply(x, *leaves, (0, 2), 0.5), leaves
 
 
 def _updated_rows_product(x: Tensor, gen: torch.Generator) -> tuple[Tensor, tuple[Tensor, ...]]:

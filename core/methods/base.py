@@ -369,13 +369,90 @@ class CodeProduct(torch.autograd.Function):
         return grad_x, grad_reduce
 
 
+def _block(expand: Tensor, j: int) -> Tensor:
+    """Block j's expansion: the shared one, or row j of a per-block stack."""
+    return expand if expand.dim() == 2 else expand[j]
+
+
+class LowRankProduct(torch.autograd.Function):
+    """``y = x W^T + b`` plus a low-rank update on the activations, with the backward written out.
+
+    The update's code is ``z = dropout(x R^T)`` (N, k r) with the reduction R (k r x in); output block
+    ``blocks[j]`` (d wide) gains ``z_j E_j`` with E_j the expansion (r x d): one E shared by every block (FacT's
+    s V^T), or one per block, E of shape (k, r, d) (KAdaptation's q and v). The frozen weight's product and the
+    update share one output and one input gradient (the update's parts accumulated in place), and every thin
+    product runs with its long dimension contiguous. The input is kept for the backward only where it cannot be
+    rebuilt from its producer (``save_input``).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        reduce: Tensor,
+        expand: Tensor,
+        blocks: tuple[int, ...],
+        dropout: float,
+    ) -> Tensor:
+        dtype = compute_dtype(x)
+        used, weight, reduce, expand = (t.to(dtype) for t in (x, weight, reduce, expand))
+        r, d = expand.shape[-2:]
+        with torch.autocast(x.device.type, enabled=False):
+            rows = used.reshape(-1, x.shape[-1])
+            z = rows @ reduce.T  # (N, k r)
+            mask = None
+            if dropout > 0:
+                z, mask = torch.native_dropout(z, dropout, True)
+            y = F.linear(used, weight, None if bias is None else bias.to(dtype))
+            out = y.view(rows.shape[0], -1, d)
+            if expand.dim() == 2 and len(blocks) == out.shape[1]:  # one E, every block adapted: one product
+                out.view(-1, d).addmm_(z.view(-1, r), expand)
+            else:
+                for j, block in enumerate(blocks):
+                    out[:, block].addmm_(z[:, j * r : (j + 1) * r], _block(expand, j))
+        save_input(ctx, x, used, weight, reduce, expand, z, mask)
+        ctx.blocks, ctx.dropout, ctx.has_bias = blocks, dropout, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, reduce, expand, z, mask = saved_input(ctx)
+        r, d = expand.shape[-2:]
+        rows = x.reshape(-1, x.shape[-1])
+        grad_rows = grad_y.reshape(rows.shape[0], -1).to(rows.dtype)
+        grad_out = grad_rows.view(rows.shape[0], -1, d)
+        blocks = ctx.blocks
+        with torch.autocast(x.device.type, enabled=False):
+            if expand.dim() == 2 and len(blocks) == grad_out.shape[1]:
+                flat = grad_out.view(-1, d)
+                grad_z = (flat @ expand.T).view(rows.shape[0], -1)
+                grad_expand = long_contraction(z.view(-1, r), flat)
+            else:
+                grad_z = torch.cat([grad_out[:, block] @ _block(expand, j).T for j, block in enumerate(blocks)], 1)
+                per_block = [z[:, j * r : (j + 1) * r].T @ grad_out[:, block] for j, block in enumerate(blocks)]
+                grad_expand = sum(per_block) if expand.dim() == 2 else torch.stack(per_block)
+            if mask is not None:
+                grad_z = torch.ops.aten.native_dropout_backward(grad_z, mask, 1 / (1 - ctx.dropout))
+            grad_reduce = long_contraction(grad_z, rows)
+            grad_x = grad_weight = grad_bias = None
+            if ctx.needs_input_grad[0]:
+                grad_x = (grad_rows @ weight).addmm_(grad_z, reduce).view(x.shape)
+            if ctx.needs_input_grad[1]:
+                grad_weight = grad_rows.T @ rows
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_bias = grad_rows.sum(0)
+        return grad_x, grad_weight, grad_bias, grad_reduce, grad_expand, None, None
+
+
 class LinearWrapper(Wrapper):
-    """A frozen ``nn.Linear`` plus a weight update, ``y = base(x) + update(x, base(x))``.
+    """A frozen ``nn.Linear`` plus a weight update, ``y = x (W + dW)^T + b + db``.
 
     Subclasses implement ``delta_weight`` (and ``delta_bias`` where they shift the bias): the update of the whole
-    weight in PyTorch layout. That one function serves merging and the spectra. ``update`` is the training forward
-    of the same update and defaults to ``F.linear(x, delta_weight(), delta_bias())``; low-rank methods override it
-    to act on the activations (never building a d x d matrix per step), and the tests check the two agree.
+    weight in PyTorch layout. That one function serves merging and the spectra. The forward defaults to one product
+    with ``W + delta_weight()``; the methods override it with a training forward of the same update that acts on the
+    activations or needs less memory, and the tests check the two agree.
 
     Attributes:
         parts: output-row ranges of the adapted parts, keyed by matrix name (``{"fc1": whole}`` or some of
@@ -394,17 +471,20 @@ class LinearWrapper(Wrapper):
         return self.base.weight
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base(x)
-        return y + self.update(x, y)
-
-    def update(self, x: Tensor, y: Tensor) -> Tensor:
-        return F.linear(x, self.delta_weight(), self.delta_bias())
+        return F.linear(x, self.base.weight + self.delta_weight(), self.updated_bias())
 
     def delta_weight(self) -> Tensor:
         raise NotImplementedError
 
     def delta_bias(self) -> Tensor | None:
         return None
+
+    def updated_bias(self) -> Tensor | None:
+        """The frozen bias plus ``delta_bias`` (either may be None)."""
+        shift, bias = self.delta_bias(), self.base.bias
+        if shift is None or bias is None:
+            return bias if shift is None else shift
+        return bias + shift
 
     def place(self, parts: dict[str, Tensor], dim: int = -1) -> Tensor:
         """Assemble per-part tensors into the full output size along ``dim``, zeros where nothing is adapted."""
@@ -430,7 +510,7 @@ class LinearWrapper(Wrapper):
 
 
 class LowRankLinear(LinearWrapper):
-    """A weight update that factors through a small code: ``update(x) = code(x) @ E`` with E (k x out), k small.
+    """A weight update that factors through a small code: ``x dW^T = code(x) @ E`` with E (k x out), k small.
 
     The forward adds it to the frozen output in one fused ``addmm``: no d x d matrix, no full-size temporaries
     beyond the output itself. Subclasses implement ``code`` (and ``delta_weight`` for merging and the spectra).
@@ -444,10 +524,6 @@ class LowRankLinear(LinearWrapper):
         y = self.base(x)
         z, E = self.code(x)
         return torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]), E.to(z.dtype)).view(y.shape)
-
-    def update(self, x: Tensor, y: Tensor) -> Tensor:
-        z, E = self.code(x)
-        return z @ E
 
     def expansion(self, blocks: list[Tensor]) -> Tensor:
         """Stack per-part expansions (k_i x part width), in ``parts`` order, into E (sum k_i x out_features):

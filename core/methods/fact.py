@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.methods.base import (
@@ -34,14 +33,11 @@ from core.methods.base import (
     AdapterState,
     Arch,
     LinearWrapper,
+    LowRankProduct,
     MethodConfig,
     Shared,
     Targets,
-    compute_dtype,
     inject_per_linear,
-    long_contraction,
-    save_input,
-    saved_input,
     share,
 )
 from core.methods.registry import Method, register
@@ -99,76 +95,6 @@ class FacTFactors(Shared):
         return torch.einsum("abc,ck->abk", self.C, self.P[:, first : first + count])
 
 
-class FacTProduct(torch.autograd.Function):
-    """``y = x W^T + b`` plus FacT's update on the activations, with the backward written out.
-
-    The update's code is ``z = dropout(x R^T)`` (N, k r) with the reduction R (k r x in); output block
-    ``blocks[j]`` (d wide) gains ``z_j E`` with the expansion E = s V^T (r x d). The frozen weight's product and
-    the update share one output and one input gradient (the update's parts accumulated in place), and every thin
-    product runs with its long dimension contiguous. The input is kept for the backward only where it cannot be
-    rebuilt from its producer (``save_input``).
-    """
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        reduce: Tensor,
-        expand: Tensor,
-        blocks: tuple[int, ...],
-        dropout: float,
-    ) -> Tensor:
-        dtype = compute_dtype(x)
-        used, weight, reduce, expand = (t.to(dtype) for t in (x, weight, reduce, expand))
-        r, d = expand.shape
-        with torch.autocast(x.device.type, enabled=False):
-            rows = used.reshape(-1, x.shape[-1])
-            z = rows @ reduce.T  # (N, k r)
-            mask = None
-            if dropout > 0:
-                z, mask = torch.native_dropout(z, dropout, True)
-            y = F.linear(used, weight, None if bias is None else bias.to(dtype))
-            out = y.view(rows.shape[0], -1, d)
-            if len(blocks) == out.shape[1]:  # every block adapted: one product for all
-                out.view(-1, d).addmm_(z.view(-1, r), expand)
-            else:
-                for j, block in enumerate(blocks):
-                    out[:, block].addmm_(z[:, j * r : (j + 1) * r], expand)
-        save_input(ctx, x, used, weight, reduce, expand, z, mask)
-        ctx.blocks, ctx.dropout, ctx.has_bias = blocks, dropout, bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, reduce, expand, z, mask = saved_input(ctx)
-        r, d = expand.shape
-        rows = x.reshape(-1, x.shape[-1])
-        grad_rows = grad_y.reshape(rows.shape[0], -1).to(rows.dtype)
-        grad_out = grad_rows.view(rows.shape[0], -1, d)
-        blocks = ctx.blocks
-        with torch.autocast(x.device.type, enabled=False):
-            if len(blocks) == grad_out.shape[1]:
-                flat = grad_out.view(-1, d)
-                grad_z = (flat @ expand.T).view(rows.shape[0], -1)
-                grad_expand = long_contraction(z.view(-1, r), flat)
-            else:
-                grad_z = torch.cat([grad_out[:, block] @ expand.T for block in blocks], dim=1)
-                grad_expand = sum(z[:, j * r : (j + 1) * r].T @ grad_out[:, block] for j, block in enumerate(blocks))
-            if mask is not None:
-                grad_z = torch.ops.aten.native_dropout_backward(grad_z, mask, 1 / (1 - ctx.dropout))
-            grad_reduce = long_contraction(grad_z, rows)
-            grad_x = grad_weight = grad_bias = None
-            if ctx.needs_input_grad[0]:
-                grad_x = (grad_rows @ weight).addmm_(grad_z, reduce).view(x.shape)
-            if ctx.needs_input_grad[1]:
-                grad_weight = grad_rows.T @ rows
-            if ctx.has_bias and ctx.needs_input_grad[2]:
-                grad_bias = grad_rows.sum(0)
-        return grad_x, grad_weight, grad_bias, grad_reduce, grad_expand, None, None
-
-
 class FacTLinear(LinearWrapper):
     """FacT on one linear: the q/k/v slices of a fused qkv, proj, fc1 (m row blocks) or fc2 (m column blocks).
 
@@ -220,7 +146,7 @@ class FacTLinear(LinearWrapper):
 
     def forward(self, x: Tensor) -> Tensor:
         f = self.shared
-        return FacTProduct.apply(
+        return LowRankProduct.apply(
             x,
             self.base.weight,
             self.base.bias,

@@ -31,7 +31,8 @@ Where PETLab differs from the official code (PEViT), on purpose:
 
 Speed: each Kronecker term is itself low-rank, A_t kron u_t v_t^T = (a_t kron u_t)(b_t kron v_t)^T with
 A_t = a_t b_t^T, so dW = s P Q with P (out x n r) and Q (n r x in) built from the small factors. Without dropout the
-update acts on the activations through P and Q (a rank-n r path, like LoRA's), never building a d x d matrix. The
+update acts on the activations through P and Q (a rank-n r path, LoRA's code product, which keeps only the code
+for the backward), never building a d x d matrix. The
 paper's dropout on dW (DropConnect) needs the whole update and its whole gradient, so while training with dropout
 > 0 the dropped update of the adapted slices is added to the frozen weight and the linear makes its one product
 with the sum: the cost above the frozen backbone is the weight gradient of the adapted slices (as full fine-tuning
@@ -52,6 +53,7 @@ from core.methods.base import (
     AdapterState,
     Arch,
     LinearWrapper,
+    LowRankProduct,
     MethodConfig,
     Shared,
     Targets,
@@ -203,9 +205,8 @@ class KronLinear(LinearWrapper):
         self.fast_u = nn.Parameter(torch.empty(parts, n, self.fast_out, r, **kw).uniform_(-0.01, 0.01))
         self.fast_v = nn.Parameter(torch.zeros(parts, n, r, self.fast_in, **kw))  # zero: dW = 0 at step 0
         self.bias_shift = nn.Parameter(torch.zeros(out[1] - out[0], **kw))  # one per block, shared by q/k/v
-        adapted = [i for i, name in enumerate(QKV_SLICES) if name in self.parts]
-        # Where the updates of the adapted q/k/v slices go in the fused output; not saved with the model.
-        self.register_buffer("qkv_slices", torch.tensor(adapted, device=base.weight.device), persistent=False)
+        # The output blocks (out_i wide) the parts write: their q/k/v slices of a fused qkv, else the whole output.
+        self.blocks = tuple(QKV_SLICES.index(m) for m in self.parts) if self.fused else (0,)
 
     def low_rank_factors(self) -> tuple[Tensor, Tensor]:
         """(P, Q) with dW_i = s P_i Q_i for adapted part i: P (parts, out_i, n r), Q (parts, n r, in).
@@ -220,24 +221,13 @@ class KronLinear(LinearWrapper):
         Q = torch.einsum("itp,itkq->itkpq", right, self.fast_v).reshape(parts, n * r, n * self.fast_in)
         return P, Q
 
-    def bias_with_shift(self) -> Tensor:
-        """The frozen bias plus the bias shift on the adapted rows."""
-        shift = self.delta_bias()
-        return shift if self.base.bias is None else self.base.bias + shift
-
     def forward(self, x: Tensor) -> Tensor:
         if self.training and self.dropout > 0:
             return self.dropconnect_forward(x)
         P, Q = self.low_rank_factors()
-        y = F.linear(x, self.base.weight, self.bias_with_shift())
-        out_rows = y.reshape(-1, y.shape[-1])
-        z = x.reshape(-1, x.shape[-1]) @ Q.flatten(0, 1).T  # (N, parts n r): Q_i x for every adapted part
-        expand = (self.scale * P).transpose(1, 2)  # (parts, n r, out_i)
-        if not self.fused:
-            return torch.addmm(out_rows, z, expand[0]).view(y.shape)
-        delta = torch.bmm(z.view(z.shape[0], len(self.parts), -1).transpose(0, 1), expand)  # (parts, N, d)
-        d = y.shape[-1] // len(QKV_SLICES)
-        return out_rows.view(-1, len(QKV_SLICES), d).index_add(1, self.qkv_slices, delta.transpose(0, 1)).view(y.shape)
+        # Code Q_i x of every adapted part in one product; part i's block of the output gains s P_i (code_i).
+        expand = (self.scale * P).mT  # (parts, n r, out_i)
+        return LowRankProduct.apply(x, self.base.weight, self.updated_bias(), Q.flatten(0, 1), expand, self.blocks, 0.0)
 
     def dropconnect_forward(self, x: Tensor) -> Tensor:
         """Training with DropConnect: one product with the frozen weight plus the dropped update of the adapted
@@ -245,7 +235,7 @@ class KronLinear(LinearWrapper):
         P, Q = self.low_rank_factors()
         dropped = drop_connect(self.scale * torch.bmm(P, Q), self.dropout)  # (parts, out_i, in)
         rows = tuple(self.parts.values())
-        return UpdatedRowsLinear.apply(x, self.base.weight, self.bias_with_shift(), dropped, rows)
+        return UpdatedRowsLinear.apply(x, self.base.weight, self.updated_bias(), dropped, rows)
 
     def delta_weight(self) -> Tensor:
         P, Q = self.low_rank_factors()

@@ -144,9 +144,8 @@ class RLRRLinear(LinearWrapper):
             nn.init.uniform_(self.scale_line, -math.sqrt(6), math.sqrt(6))
 
     def forward(self, x: Tensor) -> Tensor:
-        bias = self.delta_bias() if self.base.bias is None else self.base.bias + self.delta_bias()
         rows = list(self.parts.values())
-        return RescaledLinear.apply(x, self.base.weight, bias, self.scale_line, self.scale_col, rows)
+        return RescaledLinear.apply(x, self.base.weight, self.updated_bias(), self.scale_line, self.scale_col, rows)
 
     def delta_weight(self) -> Tensor:
         weight = self.base.weight

@@ -19,8 +19,13 @@ KAdaptation and LoRA with every adapted linear keeping its input for the backwar
 the LayerNorm or GELU that made it (``core.methods.base.save_input``): what that rebuild costs in time and saves
 in memory. ``--same-coverage`` adds rank-8 LoRA on FacT's six matrices of every block (q, k, v, proj, fc1, fc2):
 PEFT's (on the fused qkv, proj, fc1 and fc2) and PETLab's (``targets="all"``), the cost of a rank-8 path on as
-many linears as FacT adapts. Timing does not depend on the weights, so the backbone is weightless unless
-``--weights`` says otherwise.
+many linears as FacT adapts. ``--bounds`` adds what bounds the seeds' cost from below: FacT-TT at rank 1 (an
+eighth of rank 8's arithmetic: what is left is the passes over the activations, which do not shrink with the rank)
+and without its dropout, KAdaptation without DropConnect (its rank-n r path alone), and a dense trainable update of
+the q and v slices added to the frozen weight (``dense q,v update``), which is the arithmetic DropConnect on dW
+needs whatever dW is: a random mask on the update's entries leaves no low-rank form, so the gradient of the kept
+entries is that of the q and v rows of the weight. Timing does not depend on the weights, so the backbone is
+weightless unless ``--weights`` says otherwise.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from core import methods  # noqa: E402
 from core.backbone import BackboneSpec, build_backbone  # noqa: E402
 from core.methods import base as method_base  # noqa: E402
+from core.methods.kadaptation import UpdatedRowsLinear  # noqa: E402
 
 SIX = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"  # PEFT's regular expression: not patch_embed.proj
 FLOOR, PEFT_LORA, FULL = "floor (frozen, token shift)", "PEFT LoRA r8 (qkv)", "full"
@@ -80,6 +86,31 @@ def peft_lora(model: nn.Module, targets: str | list[str] = ["qkv"]) -> nn.Module
     wrapped = peft.get_peft_model(model, config)
     wrapped.base_model.model.get_classifier().requires_grad_(True)
     return wrapped
+
+
+class DenseRowsUpdate(nn.Module):
+    """A linear whose row blocks ``rows`` get a dense trainable update (zero at first), as one product with the
+    updated weight and the weight gradient of those rows only: KAdaptation's training product, minus the Kronecker
+    factors and the mask."""
+
+    def __init__(self, base: nn.Linear, rows: tuple[tuple[int, int], ...]) -> None:
+        super().__init__()
+        self.base, self.rows = base, rows
+        height = rows[0][1] - rows[0][0]
+        self.update = nn.Parameter(base.weight.new_zeros(len(rows), height, base.in_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return UpdatedRowsLinear.apply(x, self.base.weight, self.base.bias, self.update, self.rows)
+
+
+def dense_qv_update(model: nn.Module) -> nn.Module:
+    """Frozen backbone, trained head, and a dense update of every block's q and v slices."""
+    model.requires_grad_(False)
+    model.get_classifier().requires_grad_(True)
+    d = model.embed_dim
+    for block in model.blocks:
+        block.attn.qkv = DenseRowsUpdate(block.attn.qkv, ((0, d), (2 * d, 3 * d)))
+    return model
 
 
 def trainable_count(model: nn.Module) -> int:
@@ -183,9 +214,11 @@ def build_models(
     only: set[str] | None,
     kept: bool = False,
     same_coverage: bool = False,
+    bounds: bool = False,
 ) -> tuple[list[tuple[Timed, nn.Module]], list[tuple[Timed, nn.Module]]]:
     """(training steps, inference steps): the references, then every registered method at its defaults (and with
-    ``kept`` the `inputs_kept` variants, with ``same_coverage`` LoRA on all six matrices)."""
+    ``kept`` the `inputs_kept` variants, with ``same_coverage`` LoRA on all six matrices, with ``bounds`` the
+    seeds' lower bounds)."""
     makers: list[tuple[str, Callable[[nn.Module], nn.Module]]] = [
         (FLOOR, add_token_shift),
         (PEFT_LORA, peft_lora),
@@ -199,10 +232,16 @@ def build_models(
         )
         if name == "lora" and same_coverage:
             variants.append(("lora r8 (all six)", {"targets": "all"}))
+        if name == "fact" and bounds:
+            variants += [("fact-tt r1", {"variant": "tt", "rank": 1}), ("fact-tt r8, no dropout", {"dropout": 0.0})]
+        if name == "kadaptation" and bounds:
+            variants.append(("kadaptation, no dropout", {"dropout": 0.0}))
         for label, options in variants:
             makers.append((label, lambda model, name=name, options=options: methods.apply(model, name, **options)))
     if same_coverage:
         makers.append(("PEFT LoRA r8 (all six)", lambda model: peft_lora(model, SIX)))
+    if bounds:
+        makers.append(("dense q,v update", dense_qv_update))
     training = []
     for label, make in makers:
         model = make(copy.deepcopy(base)).to(device)
@@ -241,6 +280,11 @@ def main() -> None:
         "--inputs-kept", action="store_true", help="also FacT-TT, KAdaptation and LoRA keeping their inputs"
     )
     parser.add_argument("--same-coverage", action="store_true", help="also LoRA on FacT's six matrices of every block")
+    parser.add_argument(
+        "--bounds",
+        action="store_true",
+        help="also FacT-TT at rank 1 and without dropout, KAdaptation without DropConnect, and a dense q,v update",
+    )
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -253,7 +297,7 @@ def main() -> None:
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
     only = set(args.methods.split(",")) if args.methods else None
-    training, inference = build_models(base, x, y, device, only, args.inputs_kept, args.same_coverage)
+    training, inference = build_models(base, x, y, device, only, args.inputs_kept, args.same_coverage, args.bounds)
     everything = training + inference
 
     for _ in range(args.warmup):

@@ -31,12 +31,12 @@ Where PETLab differs from the official code (PEViT), on purpose:
 
 Speed: each Kronecker term is itself low-rank, A_t kron u_t v_t^T = (a_t kron u_t)(b_t kron v_t)^T with
 A_t = a_t b_t^T, so dW = s P Q with P (out x n r) and Q (n r x in) built from the small factors. Without dropout the
-update acts on the activations through P and Q (a rank-n r path, LoRA's code product, which keeps only the code
-for the backward), never building a d x d matrix. The
-paper's dropout on dW (DropConnect) needs the whole update and its whole gradient, so while training with dropout
-> 0 the dropped update of the adapted slices is added to the frozen weight and the linear makes its one product
-with the sum: the cost above the frozen backbone is the weight gradient of the adapted slices (as full fine-tuning
-of them, and no more) and a mask drawn over the adapted slices only.
+update acts on the activations through P and Q (a rank-n r path: FacT's written-out product, ``LowRankProduct``,
+which keeps only the code for the backward), never building a d x d matrix. The paper's dropout on dW
+(DropConnect) needs the whole update and its whole gradient, so while training with dropout > 0 the dropped update
+of the adapted slices is added to the frozen weight and the linear makes its one product with the sum: the cost
+above the frozen backbone is the weight gradient of the adapted slices (as full fine-tuning of them, and no more)
+and a mask drawn over the adapted slices only.
 """
 
 from __future__ import annotations

@@ -271,12 +271,13 @@ PRODUCT_LAYOUTS = [
 ]
 
 
-def _low_rank_product_by_autograd(x, weight, bias, reduce, expand, blocks, dropout):
-    """LowRankProduct's forward written with plain differentiable ops (the same dropout draw for the same seed)."""
+def _low_rank_product_by_autograd(x, weight, bias, reduce, expand, blocks, code_dropout, input_dropout):
+    """LowRankProduct's forward written with plain differentiable ops (the same dropout draws for the same seed)."""
     r, d = expand.shape[-2:]
-    z = x @ reduce.T
-    if dropout > 0:
-        z = torch.native_dropout(z, dropout, True)[0]
+    read = torch.native_dropout(x, input_dropout, True)[0] if input_dropout > 0 else x
+    z = read @ reduce.T
+    if code_dropout > 0:
+        z = torch.native_dropout(z, code_dropout, True)[0]
     codes = z.unflatten(-1, (-1, r))
     update = codes @ expand if expand.dim() == 2 else torch.einsum("...kr,krd->...kd", codes, expand)
     out = F.linear(x, weight, bias).unflatten(-1, (-1, d))
@@ -298,15 +299,16 @@ def test_low_rank_product_written_out_backward_matches_autograd(
     x, weight, bias = leaf(2, 3, chunks * d), leaf(n_blocks * d, chunks * d), leaf(n_blocks * d)
     expand = leaf(len(blocks), r, d) if per_block else leaf(r, d)
     inputs = (x, weight, bias, leaf(len(blocks) * r, chunks * d), expand)
-    assert torch.autograd.gradcheck(lambda *a: LowRankProduct.apply(*a, blocks, 0.0), inputs)
+    assert torch.autograd.gradcheck(lambda *a: LowRankProduct.apply(*a, blocks, 0.0, 0.0), inputs)
     grad_y = torch.randn(2, 3, n_blocks * d, generator=gen, dtype=torch.float64)
-    results = []
-    for fn in (LowRankProduct.apply, _low_rank_product_by_autograd):
-        torch.manual_seed(4)
-        y = fn(*inputs, blocks, 0.5)
-        results.append((y, *torch.autograd.grad(y, inputs, grad_y)))
-    for ours, reference in zip(*results, strict=True):
-        torch.testing.assert_close(ours, reference)
+    for dropouts in ((0.5, 0.0), (0.0, 0.5), (0.3, 0.5)):  # on the code (FacT), on the input (LoRA), both
+        results = []
+        for fn in (LowRankProduct.apply, _low_rank_product_by_autograd):
+            torch.manual_seed(4)
+            y = fn(*inputs, blocks, *dropouts)
+            results.append((y, *torch.autograd.grad(y, inputs, grad_y)))
+        for ours, reference in zip(*results, strict=True):
+            torch.testing.assert_close(ours, reference)
 
 
 def test_kadaptation_dropconnect_forward_is_the_frozen_output_plus_the_dropped_update() -> None:

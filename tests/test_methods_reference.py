@@ -14,16 +14,17 @@ from core.methods import Targets
 from tests.conftest import tiny_vit
 
 
-def test_lora_matches_peft_on_whole_matrices() -> None:
+def _lora_and_peft(dropout: float) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+    """(pretrained, ours, PEFT's): LoRA r3 on every proj and fc1, the same random factors and head in both."""
     base = tiny_vit("vit")
-    ours = methods.apply(copy.deepcopy(base), "lora", rank=3, alpha=6.0, targets="proj,fc1").eval()
+    ours = methods.apply(copy.deepcopy(base), "lora", rank=3, alpha=6.0, targets="proj,fc1", dropout=dropout)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in ours.parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    config = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["attn.proj", "mlp.fc1"], lora_dropout=0.0)
-    theirs = peft.get_peft_model(copy.deepcopy(base), config).eval()
+    config = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["attn.proj", "mlp.fc1"], lora_dropout=dropout)
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
     with torch.no_grad():
         for b, block in enumerate(ours.blocks):
             for path in ("attn.proj", "mlp.fc1"):
@@ -32,10 +33,35 @@ def test_lora_matches_peft_on_whole_matrices() -> None:
                 peft_layer.lora_A["default"].weight.copy_(mine.lora_A[0])
                 peft_layer.lora_B["default"].weight.copy_(mine.lora_B[0])
         theirs.base_model.model.head.load_state_dict(ours.head.state_dict())
-        x = torch.randn(4, 3, 32, 32, generator=gen)
-        expected, got = theirs(x), ours(x)
+    return base, ours, theirs
+
+
+def test_lora_matches_peft_on_whole_matrices() -> None:
+    base, ours, theirs = _lora_and_peft(0.0)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = theirs.eval()(x), ours.eval()(x)
     assert (expected - base(x)).abs().max() > 1e-3  # the update matters
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_dropout_matches_peft_in_training() -> None:
+    """PEFT's lora_dropout drops the input of the low-rank path only; ours draws the same masks for the same seed,
+    so outputs and the factors' gradients agree."""
+    _, ours, theirs = _lora_and_peft(0.3)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    results = []
+    for model, names in ((ours, ("lora_A", "lora_B")), (theirs, ("lora_A.default", "lora_B.default"))):
+        torch.manual_seed(2)
+        y = model.train()(x)
+        factors = [model.blocks[0].mlp.fc1.get_parameter(f"{name}.weight" if "." in name else name) for name in names]
+        results.append((y, *torch.autograd.grad(y.square().sum(), factors)))
+    (y_ours, grad_a, grad_b), (y_peft, peft_a, peft_b) = results
+    with torch.no_grad():
+        assert (y_ours - ours.eval()(x)).abs().max() > 1e-3  # the dropout matters
+    torch.testing.assert_close(y_ours, y_peft, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_a[0], peft_a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_b[0], peft_b, rtol=1e-5, atol=1e-6)
 
 
 def _fact_reference_model(model: torch.nn.Module, base: torch.nn.Module, variant: str, layout: str) -> torch.nn.Module:

@@ -343,32 +343,6 @@ def saved_input(ctx: torch.autograd.function.FunctionCtx) -> tuple[Tensor, ...]:
     return (used, *tensors)
 
 
-class CodeProduct(torch.autograd.Function):
-    """``z = x R^T``, the code of a low-rank update from its reduction R (k x in), keeping ``x`` for the gradient
-    of R only where it cannot be rebuilt from its producer (``save_input``)."""
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, reduce: Tensor) -> Tensor:
-        dtype = compute_dtype(x)
-        used, reduce = x.to(dtype), reduce.to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            z = used @ reduce.T
-        save_input(ctx, x, used, reduce)
-        return z
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_z: Tensor) -> tuple[Tensor | None, ...]:
-        x, reduce = saved_input(ctx)
-        grad_rows = grad_z.reshape(-1, reduce.shape[0]).to(x.dtype)
-        grad_x = grad_reduce = None
-        with torch.autocast(x.device.type, enabled=False):
-            if ctx.needs_input_grad[0]:
-                grad_x = (grad_rows @ reduce).view(x.shape)
-            if ctx.needs_input_grad[1]:
-                grad_reduce = long_contraction(grad_rows, x.reshape(-1, x.shape[-1]))
-        return grad_x, grad_reduce
-
-
 def _block(expand: Tensor, j: int) -> Tensor:
     """Block j's expansion: the shared one, or row j of a per-block stack."""
     return expand if expand.dim() == 2 else expand[j]
@@ -377,12 +351,14 @@ def _block(expand: Tensor, j: int) -> Tensor:
 class LowRankProduct(torch.autograd.Function):
     """``y = x W^T + b`` plus a low-rank update on the activations, with the backward written out.
 
-    The update's code is ``z = dropout(x R^T)`` (N, k r) with the reduction R (k r x in); output block
-    ``blocks[j]`` (d wide) gains ``z_j E_j`` with E_j the expansion (r x d): one E shared by every block (FacT's
-    s V^T), or one per block, E of shape (k, r, d) (KAdaptation's q and v). The frozen weight's product and the
-    update share one output and one input gradient (the update's parts accumulated in place), and every thin
-    product runs with its long dimension contiguous. The input is kept for the backward only where it cannot be
-    rebuilt from its producer (``save_input``).
+    The update's code is ``z = x R^T`` (N, k r) with the reduction R (k r x in); output block ``blocks[j]`` (d wide)
+    gains ``z_j E_j`` with E_j the expansion (r x d): one E shared by every block (FacT's s V^T), or one per block,
+    E of shape (k, r, d) (LoRA's and KAdaptation's parts). Training dropout acts on the code (``code_dropout``,
+    FacT's) or on the input the code reads (``input_dropout``, PEFT's ``lora_dropout``; the frozen product reads
+    the input undropped). The frozen weight's product and the update share one output and one input gradient (the
+    update's parts accumulated in place), and every thin product runs with its long dimension contiguous. The
+    input is kept for the backward only where it cannot be rebuilt from its producer (``save_input``); dropout
+    keeps its boolean mask.
     """
 
     @staticmethod
@@ -394,17 +370,21 @@ class LowRankProduct(torch.autograd.Function):
         reduce: Tensor,
         expand: Tensor,
         blocks: tuple[int, ...],
-        dropout: float,
+        code_dropout: float,
+        input_dropout: float,
     ) -> Tensor:
         dtype = compute_dtype(x)
         used, weight, reduce, expand = (t.to(dtype) for t in (x, weight, reduce, expand))
         r, d = expand.shape[-2:]
         with torch.autocast(x.device.type, enabled=False):
             rows = used.reshape(-1, x.shape[-1])
-            z = rows @ reduce.T  # (N, k r)
-            mask = None
-            if dropout > 0:
-                z, mask = torch.native_dropout(z, dropout, True)
+            read, input_mask = rows, None
+            if input_dropout > 0:
+                read, input_mask = torch.native_dropout(rows, input_dropout, True)
+            z = read @ reduce.T  # (N, k r)
+            code_mask = None
+            if code_dropout > 0:
+                z, code_mask = torch.native_dropout(z, code_dropout, True)
             y = F.linear(used, weight, None if bias is None else bias.to(dtype))
             out = y.view(rows.shape[0], -1, d)
             if expand.dim() == 2 and len(blocks) == out.shape[1]:  # one E, every block adapted: one product
@@ -412,13 +392,15 @@ class LowRankProduct(torch.autograd.Function):
             else:
                 for j, block in enumerate(blocks):
                     out[:, block].addmm_(z[:, j * r : (j + 1) * r], _block(expand, j))
-        save_input(ctx, x, used, weight, reduce, expand, z, mask)
-        ctx.blocks, ctx.dropout, ctx.has_bias = blocks, dropout, bias is not None
+        save_input(ctx, x, used, weight, reduce, expand, z, code_mask, input_mask)
+        ctx.blocks, ctx.has_bias = blocks, bias is not None
+        ctx.code_scale, ctx.input_scale = 1 / (1 - code_dropout), 1 / (1 - input_dropout)
         return y
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, reduce, expand, z, mask = saved_input(ctx)
+        x, weight, reduce, expand, z, code_mask, input_mask = saved_input(ctx)
+        dropout_backward = torch.ops.aten.native_dropout_backward
         r, d = expand.shape[-2:]
         rows = x.reshape(-1, x.shape[-1])
         grad_rows = grad_y.reshape(rows.shape[0], -1).to(rows.dtype)
@@ -433,17 +415,23 @@ class LowRankProduct(torch.autograd.Function):
                 grad_z = torch.cat([grad_out[:, block] @ _block(expand, j).T for j, block in enumerate(blocks)], 1)
                 per_block = [z[:, j * r : (j + 1) * r].T @ grad_out[:, block] for j, block in enumerate(blocks)]
                 grad_expand = sum(per_block) if expand.dim() == 2 else torch.stack(per_block)
-            if mask is not None:
-                grad_z = torch.ops.aten.native_dropout_backward(grad_z, mask, 1 / (1 - ctx.dropout))
-            grad_reduce = long_contraction(grad_z, rows)
+            if code_mask is not None:
+                grad_z = dropout_backward(grad_z, code_mask, ctx.code_scale)
+            read = rows if input_mask is None else dropout_backward(rows, input_mask, ctx.input_scale)
+            grad_reduce = long_contraction(grad_z, read)
             grad_x = grad_weight = grad_bias = None
             if ctx.needs_input_grad[0]:
-                grad_x = (grad_rows @ weight).addmm_(grad_z, reduce).view(x.shape)
+                grad_x = grad_rows @ weight
+                if input_mask is None:
+                    grad_x.addmm_(grad_z, reduce)
+                else:
+                    grad_x.add_(dropout_backward(grad_z @ reduce, input_mask, ctx.input_scale))
+                grad_x = grad_x.view(x.shape)
             if ctx.needs_input_grad[1]:
                 grad_weight = grad_rows.T @ rows
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = grad_rows.sum(0)
-        return grad_x, grad_weight, grad_bias, grad_reduce, grad_expand, None, None
+        return grad_x, grad_weight, grad_bias, grad_reduce, grad_expand, None, None, None
 
 
 class LinearWrapper(Wrapper):
@@ -457,6 +445,8 @@ class LinearWrapper(Wrapper):
     Attributes:
         parts: output-row ranges of the adapted parts, keyed by matrix name (``{"fc1": whole}`` or some of
             ``q``, ``k``, ``v`` for a fused qkv).
+        part_blocks: for each part, its block of the output in blocks one part wide (``LowRankProduct``'s
+            ``blocks``): its q/k/v slice of a fused qkv, else the one block.
     """
 
     mergeable: ClassVar[bool] = True
@@ -465,6 +455,7 @@ class LinearWrapper(Wrapper):
         super().__init__(base)
         self.parts = linear_slices(base, mats)
         self.fused = mats[0] in QKV_SLICES
+        self.part_blocks = tuple(QKV_SLICES.index(m) for m in self.parts) if self.fused else (0,)
 
     @property
     def weight(self) -> Tensor:
@@ -507,35 +498,6 @@ class LinearWrapper(Wrapper):
                 base.bias = nn.Parameter(torch.zeros_like(db, dtype=base.weight.dtype))
             base.bias.add_(db.to(base.bias.dtype))
         return base
-
-
-class LowRankLinear(LinearWrapper):
-    """A weight update that factors through a small code: ``x dW^T = code(x) @ E`` with E (k x out), k small.
-
-    The forward adds it to the frozen output in one fused ``addmm``: no d x d matrix, no full-size temporaries
-    beyond the output itself. Subclasses implement ``code`` (and ``delta_weight`` for merging and the spectra).
-    """
-
-    def code(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(z, E): the code z (..., k) of the input and the expansion E (k, out_features)."""
-        raise NotImplementedError
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.base(x)
-        z, E = self.code(x)
-        return torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]), E.to(z.dtype)).view(y.shape)
-
-    def expansion(self, blocks: list[Tensor]) -> Tensor:
-        """Stack per-part expansions (k_i x part width), in ``parts`` order, into E (sum k_i x out_features):
-        each part's rows write only its own output columns (its q/k/v slice), zeros elsewhere."""
-        if not self.fused:
-            return blocks[0]
-        E = blocks[0].new_zeros(sum(b.shape[0] for b in blocks), self.base.out_features)
-        row = 0
-        for (lo, hi), b in zip(self.parts.values(), blocks, strict=True):
-            E[row : row + b.shape[0], lo:hi] = b
-            row += b.shape[0]
-        return E
 
 
 class ScaleShift(Wrapper):

@@ -154,6 +154,7 @@ class FacTLinear(LinearWrapper):
             f.scale * f.V.T,  # (r, d): the scale folded into the small factor, not the output
             self.out_blocks,
             f.dropout.p if self.training else 0.0,
+            0.0,
         )
 
     def delta_weight(self) -> Tensor:

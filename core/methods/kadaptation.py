@@ -49,7 +49,6 @@ from torch import Tensor, nn
 
 from core.methods.base import (
     MATRICES,
-    QKV_SLICES,
     AdapterState,
     Arch,
     LinearWrapper,
@@ -205,8 +204,6 @@ class KronLinear(LinearWrapper):
         self.fast_u = nn.Parameter(torch.empty(parts, n, self.fast_out, r, **kw).uniform_(-0.01, 0.01))
         self.fast_v = nn.Parameter(torch.zeros(parts, n, r, self.fast_in, **kw))  # zero: dW = 0 at step 0
         self.bias_shift = nn.Parameter(torch.zeros(out[1] - out[0], **kw))  # one per block, shared by q/k/v
-        # The output blocks (out_i wide) the parts write: their q/k/v slices of a fused qkv, else the whole output.
-        self.blocks = tuple(QKV_SLICES.index(m) for m in self.parts) if self.fused else (0,)
 
     def low_rank_factors(self) -> tuple[Tensor, Tensor]:
         """(P, Q) with dW_i = s P_i Q_i for adapted part i: P (parts, out_i, n r), Q (parts, n r, in).
@@ -227,7 +224,8 @@ class KronLinear(LinearWrapper):
         P, Q = self.low_rank_factors()
         # Code Q_i x of every adapted part in one product; part i's block of the output gains s P_i (code_i).
         expand = (self.scale * P).mT  # (parts, n r, out_i)
-        return LowRankProduct.apply(x, self.base.weight, self.updated_bias(), Q.flatten(0, 1), expand, self.blocks, 0.0)
+        weight, bias = self.base.weight, self.updated_bias()
+        return LowRankProduct.apply(x, weight, bias, Q.flatten(0, 1), expand, self.part_blocks, 0.0, 0.0)
 
     def dropconnect_forward(self, x: Tensor) -> Tensor:
         """Training with DropConnect: one product with the frozen weight plus the dropped update of the adapted

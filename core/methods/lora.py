@@ -2,7 +2,10 @@
 
 A (r x d_in) is kaiming-uniform as PEFT's, B (d_out x r) zero, so the model equals the pretrained one at step 0.
 Default targets are the q and v slices of timm's fused qkv (the paper's and NOAH's ViT setting: r = 8 gives
-294,912 trainable parameters on ViT-B/16). Every adapted part of one linear is computed in one batched product.
+294,912 trainable parameters on ViT-B/16). The training forward acts on the activations through
+``core.methods.base.LowRankProduct``: the codes of every adapted part of a linear in one product, each part's
+expansion added to its own slice of the output. ``dropout`` acts on the input the code reads, as PEFT's
+``lora_dropout``.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from torch import Tensor, nn
 from core.methods.base import (
     AdapterState,
     Arch,
-    CodeProduct,
-    LowRankLinear,
+    LinearWrapper,
+    LowRankProduct,
     MethodConfig,
     Targets,
     inject_per_linear,
@@ -49,7 +52,7 @@ class LoRAConfig(MethodConfig):
         self.targets.resolve(arch.depth)
 
 
-class LoRALinear(LowRankLinear):
+class LoRALinear(LinearWrapper):
     """LoRA on one linear, or on some of the q/k/v slices of a fused qkv (A: n x r x in, B: n x out x r)."""
 
     def __init__(self, base: nn.Linear, mats: tuple[str, ...], config: LoRAConfig) -> None:
@@ -62,11 +65,13 @@ class LoRALinear(LowRankLinear):
         bound = 1 / math.sqrt(base.in_features)  # kaiming_uniform(a=sqrt(5)) on each r x in matrix, as PEFT
         nn.init.uniform_(self.lora_A, -bound, bound)
         self.scaling = config.alpha / config.rank
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
-    def code(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        z = CodeProduct.apply(self.dropout(x), self.lora_A.flatten(0, 1))  # (..., n r): A x for every part at once
-        return z, self.expansion(list(self.scaling * self.lora_B.mT))  # part i: (alpha/r) B_i^T on its slice
+    def forward(self, x: Tensor) -> Tensor:
+        # The code A_i x of every part in one product; part i's slice of the output gains (alpha/r) B_i (code_i).
+        dropout = self.dropout if self.training else 0.0
+        reduce, expand = self.lora_A.flatten(0, 1), self.scaling * self.lora_B.mT
+        return LowRankProduct.apply(x, self.base.weight, self.base.bias, reduce, expand, self.part_blocks, 0.0, dropout)
 
     def delta_weight(self) -> Tensor:
         dw = self.scaling * self.lora_B @ self.lora_A  # (n, out, in)

@@ -261,7 +261,7 @@ def test_kadaptation_written_out_backward_matches_autograd(rows: tuple[tuple[int
 
 
 # (input chunks, output blocks, adapted blocks, one expansion per block): qkv with all slices, q and v only, fc1,
-# fc2, and q and v with their own expansions (KAdaptation).
+# fc2, and q and v with their own expansions (LoRA, KAdaptation).
 PRODUCT_LAYOUTS = [
     (1, 3, (0, 1, 2), False),
     (1, 3, (0, 2), False),

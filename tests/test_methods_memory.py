@@ -91,13 +91,19 @@ PRODUCERS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
-def _fact_product(x: Tensor, gen: torch.Generator) -> tuple[Tensor, tuple[Tensor, ...]]:
-    d, r = x.shape[-1], 2
-    leaves = (torch.randn(3 * d, d, generator=gen), torch.randn(3 * d, generator=gen))
-    leaves += (torch.randn(2 * r, d, generator=gen), torch.randn(r, d, generator=gen))
-    leaves = tuple(t.requires_grad_() for t in leaves)
-    torch.manual_seed(5)  # the same dropout mask for both inputs
-    return LowRankProduct.apply(x, *leaves, (0, 2), 0.5, 0.0), leaves
+def _low_rank_product(per_block: bool, code_dropout: float, input_dropout: float) -> Callable:
+    """A LowRankProduct on the q and v blocks of a qkv-shaped linear: one shared expansion or one per block, and
+    the dropouts given (the same masks for a rebuilt and a kept input)."""
+
+    def product(x: Tensor, gen: torch.Generator) -> tuple[Tensor, tuple[Tensor, ...]]:
+        d, r = x.shape[-1], 2
+        expand = torch.randn(2, r, d, generator=gen) if per_block else torch.randn(r, d, generator=gen)
+        leaves = (torch.randn(3 * d, d, generator=gen), torch.randn(3 * d, generator=gen))
+        leaves = tuple(t.requires_grad_() for t in (*leaves, torch.randn(2 * r, d, generator=gen), expand))
+        torch.manual_seed(5)
+        return LowRankProduct.apply(x, *leaves, (0, 2), code_dropout, input_dropout), leaves
+
+    return product
 
 
 def _updated_rows_product(x: Tensor, gen: torch.Generator) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -108,19 +114,12 @@ def _updated_rows_product(x: Tensor, gen: torch.Generator) -> tuple[Tensor, tupl
     return UpdatedRowsLinear.apply(x, weight, bias, update, ((0, d), (2 * d, 3 * d))), (bias, update)
 
 
-def _lora_product(x: Tensor, gen: torch.Generator) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """q and v parts with their own expansions and dropout on the input the codes read."""
-    d, r = x.shape[-1], 2
-    leaves = (torch.randn(3 * d, d, generator=gen), torch.randn(3 * d, generator=gen))
-    leaves += (torch.randn(2 * r, d, generator=gen), torch.randn(2, r, d, generator=gen))
-    leaves = tuple(t.requires_grad_() for t in leaves)
-    torch.manual_seed(5)  # the same dropout mask for both inputs
-    return LowRankProduct.apply(x, *leaves, (0, 2), 0.0, 0.5), leaves
-
-
 @pytest.mark.parametrize("producer", list(PRODUCERS))
 @pytest.mark.parametrize(
-    "product", [_fact_product, _updated_rows_product, _lora_product], ids=["fact", "kadaptation", "lora"]
+    "product",
+    # FacT: one expansion, dropout on the code; LoRA: one expansion per part, dropout on the input
+    [_low_rank_product(False, 0.5, 0.0), _updated_rows_product, _low_rank_product(True, 0.0, 0.5)],
+    ids=["fact", "kadaptation", "lora"],
 )
 def test_a_rebuilt_input_gives_the_gradients_of_a_kept_one(producer: str, product: Callable) -> None:
     """The same product on a producer's output (rebuilt in the backward, not kept) and on a copy of it (kept):
